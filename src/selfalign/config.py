@@ -1,0 +1,179 @@
+"""Configuration: pydantic v2 models, loaded from YAML and overridden with ``--set a.b=value``.
+
+Every model forbids unknown keys, so a typo is an error that names the key and the file
+instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from selfalign.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which weights to load: a local directory, a hub id, a ``.gguf`` file or ``smollm2-135m-instruct``."""
+
+    spec: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class EngineConfig(StrictModel):
+    """Which engine generates, and its knobs. Keys of other kinds are ignored by each engine."""
+
+    kind: Literal["hf", "openai"] = "hf"
+    # hf
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    max_batch_size: int = Field(64, ge=1, description="sequences decoded together (n samples count separately)")
+    max_batch_tokens: int = Field(32768, ge=64, description="padded prompt tokens x sequences per prefill")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores")
+    # openai
+    base_url: str | None = None
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key")
+    served_model: str | None = Field(None, description="model name sent to the server; default: model.spec")
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+
+
+class GenerationConfig(StrictModel):
+    n: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int = 0
+    system_prompt: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+class GenerateConfig(StrictModel):
+    """What ``selfalign generate`` runs."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse the value of ``--set key=value`` as YAML, so numbers, bools, lists and null work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set generation.temperature=0.5")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = _parse_scalar(raw)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+        got = e.get("input")
+        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+    """Read ``path`` (YAML) into ``model``, apply ``--set`` overrides, validate.
+
+    Errors are :class:`ConfigError` naming the file and each offending dotted key.
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        source = f"{source} with --set overrides" if path else "--set overrides"
+        for o in overrides:
+            apply_override(data, o)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(data: Any) -> str:
+    """A stable short hash of any JSON-serialisable value (used for config and stage fingerprints)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are leaves."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: data}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()

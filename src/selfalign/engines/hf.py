@@ -1,0 +1,313 @@
+"""The ``hf`` engine: batched generation with transformers on CPU or GPU.
+
+How a call to :meth:`HFEngine.generate` runs:
+
+1. Every request is tokenized (chat messages through the model's chat template).
+2. Requests are sorted by prompt length (longest first, so memory trouble shows at once)
+   and cut into batches bounded by ``max_batch_size`` sequences and ``max_batch_tokens``
+   padded tokens. A request's ``n`` samples count as ``n`` sequences; a request with more
+   samples than fit in one batch is split across batches.
+3. Each batch is left-padded and prefilled once per *prompt*; the KV cache rows are then
+   repeated for the prompt's samples, so ``n`` samples share one prefill.
+4. Decoding runs token by token on the KV cache. Each sequence samples from its own random
+   stream (see :mod:`selfalign.engines.sampling`), stops at an end-of-sequence token, a stop
+   string or ``max_new_tokens``, and finished sequences are dropped from the batch.
+5. A request's result is yielded as soon as all its samples are done.
+
+Same model, settings and seeds give the same text. (Sampling streams do not depend on batch
+composition; the arithmetic can, slightly, in bf16, so keep batch settings fixed when you
+need identical text.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from selfalign.engines.base import Engine, GenerationRequest, RequestResult, Sample
+from selfalign.engines.sampling import make_generator, row_seed, sample_next
+from selfalign.errors import EngineError
+
+# prune finished sequences from the batch once this share of rows is done
+_PRUNE_FRACTION = 0.25
+
+
+@dataclass
+class _Job:
+    """A slice of one request's samples that runs in one batch."""
+
+    req_pos: int
+    request: GenerationRequest
+    prompt_ids: list[int]
+    sample_indices: list[int]
+
+
+@dataclass
+class _Row:
+    job: _Job
+    sample_index: int
+    generator: torch.Generator
+    stop: tuple[str, ...]
+    max_new_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_size: int = 64,
+        max_batch_tokens: int = 32768,
+        threads: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from selfalign.models import resolve_dtype
+
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        if self.device == "cpu":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
+            ).to(self.device)
+        except OSError as e:
+            raise EngineError(f"could not load model from {self.model_dir}: {e}") from None
+        self.model.eval()
+        self.pad_id = self._pad_id()
+        self.eos_ids = self._eos_ids()
+        self.context_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
+
+    @classmethod
+    def from_config(cls, model_cfg, engine_cfg) -> HFEngine:
+        from selfalign.models import resolve_model
+
+        device = pick_device(engine_cfg.device)
+        model_dir = resolve_model(model_cfg.spec, dtype=model_cfg.dtype, device=device)
+        return cls(
+            model_dir,
+            dtype=model_cfg.dtype,
+            device=device,
+            max_batch_size=engine_cfg.max_batch_size,
+            max_batch_tokens=engine_cfg.max_batch_tokens,
+            threads=engine_cfg.threads,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+
+    def describe(self) -> dict:
+        return {"engine": "hf", "model": str(self.model_dir), "dtype": self.dtype, "device": self.device}
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ tokens
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for v in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return ids
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            if not self.tokenizer.chat_template:
+                raise EngineError(
+                    f"request {request.id!r} has chat messages but {self.model_dir} has no chat template; "
+                    "send raw prompts instead or use a model with a chat template"
+                )
+            ids = self.tokenizer.apply_chat_template(
+                [m.to_dict() for m in request.messages], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding on some versions
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ batching
+    def _plan(self, encoded: list[tuple[int, GenerationRequest, list[int]]]) -> list[list[_Job]]:
+        jobs: list[_Job] = []
+        for pos, req, ids in encoded:
+            samples = list(range(req.params.n))
+            for start in range(0, len(samples), self.max_batch_size):
+                jobs.append(_Job(pos, req, ids, samples[start : start + self.max_batch_size]))
+        jobs.sort(key=lambda j: -len(j.prompt_ids))
+        batches: list[list[_Job]] = []
+        cur: list[_Job] = []
+        rows = 0
+        for job in jobs:
+            k = len(job.sample_indices)
+            width = max([len(j.prompt_ids) for j in cur] + [len(job.prompt_ids)])
+            if cur and (rows + k > self.max_batch_size or width * (rows + k) > self.max_batch_tokens):
+                batches.append(cur)
+                cur, rows = [], 0
+            cur.append(job)
+            rows += k
+        if cur:
+            batches.append(cur)
+        return batches
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestResult]:
+        if self.model is None:
+            raise EngineError("engine is closed")
+        encoded = []
+        for pos, req in enumerate(requests):
+            ids = self.encode(req)
+            if self.context_len and len(ids) + req.params.max_new_tokens > self.context_len:
+                msg = (
+                    f"prompt has {len(ids)} tokens; with max_new_tokens={req.params.max_new_tokens} it exceeds "
+                    f"the model's context of {self.context_len} tokens"
+                )
+                samples = tuple(Sample(i, "", "error", 0, error=msg) for i in range(req.params.n))
+                yield RequestResult(req, samples, prompt_tokens=len(ids))
+                continue
+            encoded.append((pos, req, ids))
+        pending: dict[int, dict[int, Sample]] = {}
+        for batch in self._plan(encoded):
+            for job, rows in self._run_batch(batch):
+                got = pending.setdefault(job.req_pos, {})
+                for r in rows:
+                    got[r.sample_index] = Sample(r.sample_index, r.text or "", r.finish_reason or "length", len(r.tokens))
+                if len(got) == job.request.params.n:
+                    del pending[job.req_pos]
+                    samples = tuple(got[i] for i in range(job.request.params.n))
+                    yield RequestResult(job.request, samples, prompt_tokens=len(job.prompt_ids))
+
+    @torch.inference_mode()
+    def _run_batch(self, jobs: list[_Job]) -> Iterator[tuple[_Job, list[_Row]]]:
+        from transformers import DynamicCache
+
+        dev = self.device
+        width = max(len(j.prompt_ids) for j in jobs)
+        input_ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, j in enumerate(jobs):
+            input_ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            mask[i, width - len(j.prompt_ids) :] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # one row per sample: repeat each prompt's cache row for its samples
+        rows: list[_Row] = []
+        src: list[int] = []
+        for i, j in enumerate(jobs):
+            p = j.request.params
+            for s in j.sample_indices:
+                rows.append(_Row(j, s, make_generator(row_seed(p.seed, j.request.id, s)), p.stop, p.max_new_tokens))
+                src.append(i)
+        src_t = torch.tensor(src, device=dev)
+        cache.batch_select_indices(src_t)
+        logits = out.logits[:, -1, :].index_select(0, src_t)
+        mask = mask.index_select(0, src_t)
+        next_pos = positions[:, -1].index_select(0, src_t) + 1
+        temperature = torch.tensor([r.job.request.params.temperature for r in rows], dtype=torch.float32)
+        top_p = torch.tensor([r.job.request.params.top_p for r in rows], dtype=torch.float32)
+        slots = list(range(len(rows)))  # cache row -> row number (finished rows linger until pruned)
+        remaining = {id(j): len(j.sample_indices) for j in jobs}
+
+        while True:
+            tok = sample_next(logits, temperature, top_p, [rows[a].generator for a in slots]).tolist()
+            newly: list[int] = []
+            for s, a in enumerate(slots):
+                r = rows[a]
+                if r.finish_reason is not None:
+                    continue
+                t = tok[s]
+                if t in self.eos_ids:
+                    r.finish_reason = "stop"
+                else:
+                    r.tokens.append(t)
+                    if r.stop and self._hit_stop(r):
+                        r.finish_reason = "stop"
+                    elif len(r.tokens) >= r.max_new_tokens:
+                        r.finish_reason = "length"
+                if r.finish_reason is not None:
+                    newly.append(s)
+            for s in newly:
+                r = rows[slots[s]]
+                self._finalize_text(r)
+                remaining[id(r.job)] -= 1
+                if remaining[id(r.job)] == 0:
+                    yield r.job, [x for x in rows if x.job is r.job]
+            live = [s for s, a in enumerate(slots) if rows[a].finish_reason is None]
+            if not live:
+                return
+            step = torch.tensor(tok, device=dev)
+            if newly:
+                # finished rows ride along greedily (no random draws) until the next prune
+                temperature = temperature.clone()
+                temperature[torch.tensor(newly)] = 0.0
+            if len(slots) - len(live) >= _PRUNE_FRACTION * len(slots):
+                keep = torch.tensor(live, device=dev)
+                cache.batch_select_indices(keep)
+                mask, next_pos, step = mask.index_select(0, keep), next_pos.index_select(0, keep), step.index_select(0, keep)
+                keep_cpu = keep.cpu()
+                temperature, top_p = temperature.index_select(0, keep_cpu), top_p.index_select(0, keep_cpu)
+                slots = [slots[s] for s in live]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self.model(
+                input_ids=step.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=next_pos.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+    def _hit_stop(self, r: _Row) -> bool:
+        longest = max(len(s) for s in r.stop)
+        tail = self.tokenizer.decode(r.tokens[-(longest + 2) :], skip_special_tokens=False)
+        return any(s in tail for s in r.stop)
+
+    def _finalize_text(self, r: _Row) -> None:
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        if r.stop:
+            cut = min((i for i in (text.find(s) for s in r.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                r.finish_reason = "stop"
+        r.text = text
