@@ -1,0 +1,187 @@
+"""The hf engine: batching, shared prefill, stop strings, lengths, seeds, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfalign.engines.base import GenerationRequest, SamplingParams
+from selfalign.engines.hf import HFEngine
+
+PROMPTS = [
+    "Name a colour.",
+    "Write one sentence about the sea, the wind and the long grey beaches of the north.",
+    "What is two plus two?",
+    "List three fruits that are red, and say which of them you like best and why.",
+    "Say hello.",
+]
+
+
+def _reqs(params: SamplingParams, prompts=PROMPTS):
+    return [GenerationRequest.chat(f"r{i}", [{"role": "user", "content": p}], params) for i, p in enumerate(prompts)]
+
+
+def _texts(engine, reqs):
+    return {r.request.id: [s.text for s in r.samples] for r in engine.generate(reqs)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def real_fp32(embedded_model_dir):
+    return HFEngine(embedded_model_dir, dtype="float32", max_batch_size=16)
+
+
+class ForwardSpy:
+    """Records the (batch, length) of every forward call of a model."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int]] = []
+        self._h = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.shapes.append(tuple(ids.shape))
+
+    def remove(self):
+        self._h.remove()
+
+
+def test_every_request_gets_n_samples_with_indices(tiny):
+    reqs = _reqs(SamplingParams(n=3, temperature=0.8, max_new_tokens=6, seed=1))
+    results = list(tiny.generate(reqs))
+    assert sorted(r.request.id for r in results) == sorted(r.id for r in reqs)
+    for r in results:
+        assert [s.index for s in r.samples] == [0, 1, 2]
+        assert all(0 < s.completion_tokens <= 6 for s in r.samples if s.finish_reason == "length")
+        assert r.prompt_tokens > 5
+
+
+def test_n_samples_share_one_prefill(tiny):
+    spy = ForwardSpy(tiny.model)
+    try:
+        list(tiny.generate(_reqs(SamplingParams(n=4, temperature=1.0, max_new_tokens=3, seed=0), PROMPTS[:2])))
+    finally:
+        spy.remove()
+    prefill, first_decode = spy.shapes[0], spy.shapes[1]
+    assert prefill[0] == 2 and prefill[1] > 1  # two prompts, prefilled once each
+    assert first_decode == (8, 1)  # then 2 x 4 sample rows decode one token at a time
+
+
+def test_batches_respect_max_batch_size_and_are_length_sorted(tiny_model_dir):
+    eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=4)
+    spy = ForwardSpy(eng.model)
+    try:
+        results = list(eng.generate(_reqs(SamplingParams(n=2, temperature=0.0, max_new_tokens=2))))
+    finally:
+        spy.remove()
+    assert len(results) == len(PROMPTS)
+    prefills = [s for s in spy.shapes if s[1] > 1]
+    assert all(b * 2 <= 4 for b, _ in prefills)
+    widths = [w for _, w in prefills]
+    assert widths == sorted(widths, reverse=True)  # longest prompts first
+
+
+def test_results_stream_before_later_batches_run(tiny_model_dir):
+    eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=1)
+    spy = ForwardSpy(eng.model)
+    try:
+        gen = eng.generate(_reqs(SamplingParams(temperature=0.0, max_new_tokens=2)))
+        first = next(gen)
+        prefills_so_far = sum(1 for s in spy.shapes if s[1] > 1)
+        rest = list(gen)
+    finally:
+        spy.remove()
+    assert first.samples and prefills_so_far == 1
+    assert len(rest) == len(PROMPTS) - 1
+
+
+def test_same_seed_same_text_and_other_seed_differs(tiny_model_dir, tiny):
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=7)
+    a = _texts(tiny, _reqs(params))
+    b = _texts(HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16), _reqs(params))
+    assert a == b
+    c = _texts(tiny, _reqs(SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=8)))
+    assert c != a
+    # the n samples of one request are different draws
+    assert any(t[0] != t[1] for t in a.values())
+
+
+def test_max_new_tokens_gives_length_finish(tiny):
+    (res,) = tiny.generate(_reqs(SamplingParams(temperature=0.0, max_new_tokens=5), PROMPTS[:1]))
+    s = res.samples[0]
+    assert s.finish_reason in {"length", "stop"}
+    if s.finish_reason == "length":
+        assert s.completion_tokens == 5
+
+
+def test_raw_prompt_requests(tiny):
+    req = GenerationRequest(id="raw", prompt="Once upon a time", params=SamplingParams(temperature=0.0, max_new_tokens=4))
+    (res,) = tiny.generate([req])
+    assert res.prompt_tokens == len(tiny.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"])
+
+
+def test_prompt_longer_than_context_is_an_error_sample_not_a_crash(tiny):
+    long = "word " * 3000
+    reqs = _reqs(SamplingParams(temperature=0.0, max_new_tokens=4), [long, "Say hi."])
+    results = {r.request.id: r for r in tiny.generate(reqs)}
+    assert results["r0"].samples[0].finish_reason == "error"
+    assert "context" in results["r0"].samples[0].error
+    assert results["r1"].samples[0].finish_reason != "error"
+
+
+def test_chat_without_template_is_a_clear_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    from selfalign.errors import EngineError
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "chat_template.jinja").unlink()
+    eng = HFEngine(d, dtype="float32")
+    with pytest.raises(EngineError, match="no chat template"):
+        list(eng.generate(_reqs(SamplingParams(max_new_tokens=2), PROMPTS[:1])))
+
+
+# ---------------------------------------------------------------- real embedded model
+@pytest.mark.slow
+def test_stop_string_cuts_the_text_where_it_first_appears(real_fp32):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=40)
+    prompt = ["Write a short story about a cat who lives in a library."]
+    (full,) = real_fp32.generate(_reqs(greedy, prompt))
+    text = full.samples[0].text
+    words = [w for w in text.replace(",", " ").split() if len(w) > 3]
+    assert len(words) >= 3, text
+    stop = words[2]
+    cut = SamplingParams(temperature=0.0, max_new_tokens=40, stop=(stop,))
+    (res,) = real_fp32.generate(_reqs(cut, prompt))
+    s = res.samples[0]
+    assert s.finish_reason == "stop"
+    assert s.text == text[: text.find(stop)]
+    assert s.completion_tokens < full.samples[0].completion_tokens
+
+
+@pytest.mark.slow
+def test_batching_does_not_change_greedy_text_in_fp32(real_fp32, embedded_model_dir):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
+    together = _texts(real_fp32, _reqs(greedy))
+    one_by_one = _texts(HFEngine(embedded_model_dir, dtype="float32", max_batch_size=1), _reqs(greedy))
+    assert together == one_by_one
+    assert all(t[0].strip() for t in together.values())
+
+
+@pytest.mark.slow
+def test_real_model_answers_sensibly(real_fp32):
+    (res,) = real_fp32.generate(_reqs(SamplingParams(temperature=0.0, max_new_tokens=12), ["What is the capital of France?"]))
+    assert "Paris" in res.samples[0].text
+
+
+def test_dtype_auto_follows_the_cpu(tiny_model_dir):
+    from selfalign.models import cpu_has_native_bf16
+
+    eng = HFEngine(tiny_model_dir, dtype="auto", device="cpu")
+    assert eng.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert next(eng.model.parameters()).dtype == getattr(torch, eng.dtype)
