@@ -47,6 +47,11 @@ class EngineConfig(StrictModel):
     max_retries: int = Field(5, ge=0)
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    extra_body: dict | None = Field(
+        None,
+        description="extra JSON fields sent with every request, e.g. for transformers serve: "
+        '{"generation_config": "{\\"do_sample\\": true}"} (it samples greedily without it)',
+    )
 
 
 class GenerationConfig(StrictModel):
