@@ -1,0 +1,290 @@
+"""The ``judge`` stage: K judgments per candidate response, and the reward interface behind it.
+
+A *reward* turns (instruction, response) pairs into judgment records. Three kinds:
+
+- :class:`LLMJudge` (the Self-Rewarding default): the model itself grades each response
+  with the additive 5-point rubric template, ``k`` sampled judgments per response sharing
+  one prefill. Only the judge's own completion is parsed (last ``Score:`` line); a
+  response that contains "Score: 5" cannot move its own score.
+- :class:`FunctionReward`: any Python callable ``f(instruction, response) -> float``
+  (tests, verifiable constraints, programmatic checks).
+- :class:`ClassifierReward`: an HF sequence-classification reward model (scalar head).
+
+Judgment record::
+
+    {"id", "kind": "judgment", "response_id", "prompt_id", "sample_index", "judge_output",
+     "score" (float | null), "parse_error" (str | null), "reward": <reward name>}
+
+A response's reward is the mean of its parsable judgment scores (:func:`aggregate`); a
+response with none has no reward and is left out of pair selection.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfalign.config import config_hash
+from selfalign.data.records import JsonlWriter, record_id
+from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
+from selfalign.progress import generation_progress
+from selfalign.prompts import judge_prompt, load_template
+from selfalign.stages.parsing import parse_score
+
+# score-like text inside a candidate response ("Score: 5", "score = 4/5"): counted, never trusted
+SCORE_LIKE = re.compile(r"score\s*[:=]\s*\**\s*\d", re.IGNORECASE)
+
+
+def instruction_of(response: dict) -> str:
+    """The user turn a response answers (the last user message of its prompt)."""
+    users = [m["content"] for m in response["messages"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+class Reward:
+    """Turns response records into judgment records (one list per response)."""
+
+    name = "reward"
+
+    def fingerprint(self) -> dict:
+        return {"reward": self.name}
+
+    def judge(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
+        """Yield ``(response, judgments, tokens_generated)`` per response, in any order."""
+        raise NotImplementedError
+
+
+def _judgment(response: dict, index: int, output: str, score: float | None, error: str | None, name: str, fp: str) -> dict:
+    return {
+        "id": record_id("judgment", response["id"], index, fp),
+        "kind": "judgment",
+        "response_id": response["id"],
+        "prompt_id": response.get("prompt_id"),
+        "sample_index": index,
+        "judge_output": output,
+        "score": score,
+        "parse_error": error,
+        "reward": name,
+    }
+
+
+@dataclass
+class LLMJudge(Reward):
+    """The model as its own judge: ``k`` sampled judgments of each response with a rubric template."""
+
+    engine: Engine
+    template: str = "judge"
+    k: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    seed: int = 0
+    min_score: int = 0
+    max_score: int = 5
+    name: str = field(default="llm_judge")
+
+    def __post_init__(self) -> None:
+        self._template = load_template(self.template)
+
+    def fingerprint(self) -> dict:
+        return {
+            "reward": self.name,
+            "template": config_hash(self._template.source),
+            "k": self.k,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "generator": self.engine.describe(),
+        }
+
+    def judge(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
+        fp = config_hash(self.fingerprint())
+        params = SamplingParams(
+            n=self.k, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed
+        )
+        by_id = {r["id"]: r for r in responses}
+        requests = (
+            GenerationRequest.chat(
+                r["id"], [{"role": "user", "content": judge_prompt(self._template, instruction_of(r), r["response"])}], params
+            )
+            for r in responses
+        )
+        for result in self.engine.generate(list(requests)):
+            resp = by_id[result.request.id]
+            out = []
+            for s in result.samples:
+                if s.finish_reason == "error":
+                    out.append(_judgment(resp, s.index, "", None, f"generation failed: {s.error}", self.name, fp))
+                    continue
+                parsed = parse_score(s.text, min_score=self.min_score, max_score=self.max_score)
+                out.append(_judgment(resp, s.index, s.text, parsed.score, parsed.error, self.name, fp))
+            yield resp, out, result.completion_tokens
+
+
+@dataclass
+class FunctionReward(Reward):
+    """A Python callable ``fn(instruction, response) -> float`` (or ``None`` for 'cannot score')."""
+
+    fn: Callable[[str, str], float | None]
+    name: str = field(default="function")
+
+    @classmethod
+    def from_path(cls, path: str) -> FunctionReward:
+        """``"package.module:function"`` -> FunctionReward."""
+        mod, _, attr = path.partition(":")
+        if not mod or not attr:
+            raise ValueError(f"reward function must be 'module:function', got {path!r}")
+        fn = getattr(importlib.import_module(mod), attr)
+        return cls(fn=fn, name=f"function:{path}")
+
+    def judge(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
+        fp = config_hash(self.fingerprint())
+        for r in responses:
+            try:
+                value = self.fn(instruction_of(r), r["response"])
+                err = None if value is not None and math.isfinite(float(value)) else "no score"
+            except Exception as e:  # a user function failing on one response must not stop the run
+                value, err = None, f"{type(e).__name__}: {e}"
+            score = float(value) if err is None else None
+            yield r, [_judgment(r, 0, "", score, err, self.name, fp)], 0
+
+
+@dataclass
+class ClassifierReward(Reward):
+    """A sequence-classification reward model (one logit) scoring the chat-formatted exchange."""
+
+    model_dir: str | Path
+    batch_size: int = 8
+    max_length: int = 2048
+    name: str = field(default="classifier")
+
+    def __post_init__(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def fingerprint(self) -> dict:
+        return {"reward": self.name, "model": str(self.model_dir)}
+
+    def _text(self, r: dict) -> str:
+        msgs = [*r["messages"], {"role": "assistant", "content": r["response"]}]
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        return "\n\n".join(m["content"] for m in msgs)
+
+    def judge(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
+        fp = config_hash(self.fingerprint())
+        for start in range(0, len(responses), self.batch_size):
+            chunk = responses[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [self._text(r) for r in chunk], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+            )
+            with self._torch.inference_mode():
+                logits = self.model(**enc).logits[:, 0].float().tolist()
+            for r, v in zip(chunk, logits):
+                yield r, [_judgment(r, 0, "", float(v), None, self.name, fp)], 0
+
+
+@dataclass
+class JudgeStats:
+    responses: int = 0
+    judgments: int = 0
+    parsed: int = 0
+    parse_errors: Counter = field(default_factory=Counter)
+    score_histogram: Counter = field(default_factory=Counter)
+    responses_with_score_text: int = 0
+    unscored_responses: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "responses": self.responses,
+            "judgments": self.judgments,
+            "parsed": self.parsed,
+            "parse_failure_rate": round(1 - self.parsed / self.judgments, 4) if self.judgments else None,
+            "parse_errors": dict(self.parse_errors.most_common()),
+            "score_histogram": {str(k): v for k, v in sorted(self.score_histogram.items())},
+            "responses_with_score_text": self.responses_with_score_text,
+            "unscored_responses": self.unscored_responses,
+            "judge_tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def run_judge(
+    reward: Reward, responses: Sequence[dict], writer: JsonlWriter, *, expected: int, show_progress: bool = True
+) -> JudgeStats:
+    """Judge every response whose judgments are not all in ``writer`` yet; stats cover the whole file.
+
+    ``expected`` is the number of judgments per response (``k`` for an LLM judge, else 1).
+    """
+    t0 = time.monotonic()
+    fp = config_hash(reward.fingerprint())
+    todo = [r for r in responses if any(record_id("judgment", r["id"], i, fp) not in writer for i in range(expected))]
+    with generation_progress("judge", len(responses), enabled=show_progress) as bar:
+        bar.advance(len(responses) - len(todo))
+        for _resp, judgments, tokens in reward.judge(todo):
+            for j in judgments:
+                writer.write(j)
+            bar.advance(1, tokens)
+    writer.flush()
+    stats = judge_stats(responses, writer.path)
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def judge_stats(responses: Iterable[dict], judgments_path: str | Path) -> JudgeStats:
+    from selfalign.data.records import read_jsonl
+
+    stats = JudgeStats()
+    scores: dict[str, list[float]] = {}
+    for j in read_jsonl(judgments_path):
+        stats.judgments += 1
+        if j["score"] is None:
+            stats.parse_errors[_error_kind(j["parse_error"])] += 1
+        else:
+            stats.parsed += 1
+            stats.score_histogram[_bucket(j["score"])] += 1
+            scores.setdefault(j["response_id"], []).append(j["score"])
+    for r in responses:
+        stats.responses += 1
+        if SCORE_LIKE.search(r["response"]):
+            stats.responses_with_score_text += 1
+        if r["id"] not in scores:
+            stats.unscored_responses += 1
+    return stats
+
+
+def _error_kind(err: str | None) -> str:
+    err = err or "unknown"
+    return err.split(":")[0]
+
+
+def _bucket(score: float) -> str:
+    return str(int(score)) if float(score).is_integer() else f"{score:.2f}"
+
+
+def aggregate(judgments_path: str | Path) -> dict[str, float]:
+    """``response_id -> mean parsable score``; responses with no parsable judgment are absent."""
+    from selfalign.data.records import read_jsonl
+
+    sums: dict[str, list[float]] = {}
+    for j in read_jsonl(judgments_path):
+        if j["score"] is not None:
+            sums.setdefault(j["response_id"], []).append(float(j["score"]))
+    return {rid: sum(v) / len(v) for rid, v in sums.items()}
