@@ -138,6 +138,39 @@ def smoke(
     console.print(f"{len(results)} answers, {tokens} tokens in {dt:.1f}s ({tokens / dt:.0f} tok/s) with {eng.describe()}")
 
 
+def _default_recipe_config() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("selfalign").joinpath("configs/self_rewarding_demo.yaml")))
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="Run config YAML (default: the packaged self_rewarding_demo.yaml).")] = None,
+    overrides: SetOption = None,
+    restart_from: Annotated[Optional[str], typer.Option(help="Redo this stage (e.g. iter_2/judge) and every later one.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars and logs.")] = True,
+) -> None:
+    """Run (or resume) a recipe from its config; prints the per-iteration table at the end."""
+    import time
+
+    from selfalign.config import load_config
+    from selfalign.recipes.config import SelfRewardingConfig
+    from selfalign.recipes.self_rewarding import run_self_rewarding
+    from selfalign.report import iteration_table
+
+    path = config or _default_recipe_config()
+    t0 = time.monotonic()
+    try:
+        cfg = load_config(SelfRewardingConfig, path, list(overrides or []))
+        result = run_self_rewarding(cfg, restart_from=restart_from, show_progress=progress)
+    except SelfAlignError as e:
+        _fail(e)
+        return
+    console.print(iteration_table(result.iterations))
+    console.print(f"run: {result.run_dir}  final model: {result.final_model}  wall time: {time.monotonic() - t0:.0f}s")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the embedded models, where their files are, and what is converted in the cache."""

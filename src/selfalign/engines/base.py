@@ -9,7 +9,7 @@ working. Engines never write files and never know which stage called them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -105,6 +105,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestResult]:
         """Yield one result per request as soon as its batch is done (any order)."""
+
+    def next_token_probs(
+        self, prompts: Sequence[tuple[Sequence[Message | dict], str]], candidates: Sequence[str]
+    ) -> list[list[float]]:
+        """For each ``(chat messages, assistant text so far)``, the probability that the assistant's
+        next token is each of ``candidates`` (single-token strings such as the digits of a score).
+
+        Used to score a judgment from the model's distribution over score digits instead of a
+        sampled (and possibly unparsable) score line. Engines that cannot see token
+        probabilities raise :class:`NotImplementedError`.
+        """
+        raise NotImplementedError(f"the {self.name} engine cannot report next-token probabilities")
 
     def describe(self) -> dict:
         """What identifies this engine's outputs (stored with every record)."""

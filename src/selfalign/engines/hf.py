@@ -298,6 +298,45 @@ class HFEngine(Engine):
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
 
+    @torch.inference_mode()
+    def next_token_probs(self, prompts, candidates) -> list[list[float]]:
+        texts = []
+        for messages, prefix in prompts:
+            msgs = [m.to_dict() if hasattr(m, "to_dict") else dict(m) for m in messages]
+            head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            texts.append(head + prefix)
+        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        cand_ids = [self._candidate_ids(t, enc, candidates) for t, enc in zip(texts, encoded)]
+        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+        out: list[list[float]] = [[] for _ in texts]
+        start = 0
+        while start < len(order):
+            width = len(encoded[order[start]])
+            size = max(1, min(self.max_batch_size, self.max_batch_tokens // max(width, 1)))
+            chunk = order[start : start + size]
+            start += size
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1, :]
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
+            for row, i in enumerate(chunk):
+                out[i] = [float(probs[row, c]) for c in cand_ids[i]]
+        return out
+
+    def _candidate_ids(self, text: str, encoded: list[int], candidates) -> list[int]:
+        ids = []
+        for c in candidates:
+            full = self.tokenizer(text + c, add_special_tokens=False)["input_ids"]
+            if len(full) != len(encoded) + 1 or full[: len(encoded)] != encoded:
+                raise EngineError(f"candidate {c!r} is not a single next token after the given text for this tokenizer")
+            ids.append(full[-1])
+        return ids
+
     def _hit_stop(self, r: _Row) -> bool:
         longest = max(len(s) for s in r.stop)
         tail = self.tokenizer.decode(r.tokens[-(longest + 2) :], skip_special_tokens=False)

@@ -87,6 +87,8 @@ class LLMJudge(Reward):
     seed: int = 0
     min_score: int = 0
     max_score: int = 5
+    scoring: str = "sampled"  # or "expected": probability-weighted score after a forced "Score: "
+    probe_batch: int = 32
     name: str = field(default="llm_judge")
 
     def __post_init__(self) -> None:
@@ -101,6 +103,7 @@ class LLMJudge(Reward):
             "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
+            "scoring": self.scoring,
             "generator": self.engine.describe(),
         }
 
@@ -116,16 +119,55 @@ class LLMJudge(Reward):
             )
             for r in responses
         )
+        buffer: list = []
         for result in self.engine.generate(list(requests)):
+            buffer.append(result)
+            if self.scoring == "sampled" or len(buffer) >= self.probe_batch:
+                yield from self._score(buffer, by_id, fp)
+                buffer = []
+        if buffer:
+            yield from self._score(buffer, by_id, fp)
+
+    def _score(self, results, by_id: dict, fp: str) -> Iterator[tuple[dict, list[dict], int]]:
+        parsed = {(r.request.id, s.index): parse_score(s.text, min_score=self.min_score, max_score=self.max_score)
+                  for r in results for s in r.samples if s.finish_reason != "error"}
+        expected: dict = {}
+        if self.scoring == "expected":
+            keys = list(parsed)
+            digits = [str(d) for d in range(self.min_score, self.max_score + 1)]
+            texts = {(r.request.id, s.index): s.text for r in results for s in r.samples}
+            reqs = {r.request.id: r.request for r in results}
+            probes = [(reqs[k[0]].messages, _reasoning(texts[k], parsed[k]) + "Score: ") for k in keys]
+            for k, probs in zip(keys, self.engine.next_token_probs(probes, digits)):
+                total = sum(probs)
+                expected[k] = (sum(p * int(d) for p, d in zip(probs, digits)) / total if total > 0 else None, probs)
+        for result in results:
             resp = by_id[result.request.id]
             out = []
             for s in result.samples:
                 if s.finish_reason == "error":
                     out.append(_judgment(resp, s.index, "", None, f"generation failed: {s.error}", self.name, fp))
                     continue
-                parsed = parse_score(s.text, min_score=self.min_score, max_score=self.max_score)
-                out.append(_judgment(resp, s.index, s.text, parsed.score, parsed.error, self.name, fp))
+                p = parsed[(result.request.id, s.index)]
+                if self.scoring == "expected":
+                    value, probs = expected[(result.request.id, s.index)]
+                    j = _judgment(resp, s.index, s.text, None if value is None else round(value, 4), p.error, self.name, fp)
+                    j["parsed_score"] = p.score
+                    j["score_probs"] = [round(x, 5) for x in probs]
+                else:
+                    j = _judgment(resp, s.index, s.text, p.score, p.error, self.name, fp)
+                out.append(j)
             yield resp, out, result.completion_tokens
+
+
+def _reasoning(text: str, parsed) -> str:
+    """The judgment up to (not including) its score line, ending with a newline."""
+    if parsed.line:
+        cut = text.rfind(parsed.line)
+        if cut >= 0:
+            text = text[:cut]
+    text = text.rstrip()
+    return text + "\n" if text else ""
 
 
 @dataclass
@@ -238,13 +280,16 @@ def run_judge(
     todo = [r for r in responses if any(record_id("judgment", r["id"], i, fp) not in writer for i in range(expected))]
     with generation_progress("judge", len(responses), enabled=show_progress) as bar:
         bar.advance(len(responses) - len(todo))
+        tokens_total = 0
         for _resp, judgments, tokens in reward.judge(todo):
             for j in judgments:
                 writer.write(j)
+            tokens_total += tokens
             bar.advance(1, tokens)
     writer.flush()
     stats = judge_stats(responses, writer.path)
     stats.seconds = time.monotonic() - t0
+    stats.tokens = tokens_total
     return stats
 
 
@@ -255,10 +300,11 @@ def judge_stats(responses: Iterable[dict], judgments_path: str | Path) -> JudgeS
     scores: dict[str, list[float]] = {}
     for j in read_jsonl(judgments_path):
         stats.judgments += 1
-        if j["score"] is None:
+        if j.get("parse_error"):
             stats.parse_errors[_error_kind(j["parse_error"])] += 1
         else:
             stats.parsed += 1
+        if j["score"] is not None:
             stats.score_histogram[_bucket(j["score"])] += 1
             scores.setdefault(j["response_id"], []).append(j["score"])
     for r in responses:
@@ -276,7 +322,8 @@ def _error_kind(err: str | None) -> str:
 
 
 def _bucket(score: float) -> str:
-    return str(int(score)) if float(score).is_integer() else f"{score:.2f}"
+    """Histogram bucket: the nearest whole score (expected scores are fractional)."""
+    return str(int(math.floor(float(score) + 0.5)))
 
 
 def aggregate(judgments_path: str | Path) -> dict[str, float]:

@@ -1,0 +1,128 @@
+"""Seed data for a recipe: IFT chat examples and EFT (judge) examples, from the demo set or files.
+
+- IFT: ``demo`` (shipped), ``oasst:<file>`` (first turns + rank-0 replies of OpenAssistant trees,
+  either layout), or a JSONL of ``{"id"?, "messages": [...user..., assistant]}``.
+- EFT: ``demo`` (shipped), ``none``, or a JSONL of ``{"id"?, "instruction", "response", "judgment"}``
+  where the judgment ends with its ``Score:`` line.
+
+EFT examples become SFT chat examples whose user turn is the judge prompt (rendered with the
+run's judge template) and whose assistant turn is the judgment, so SFT teaches the judge format.
+EFT is split into train and held-out *by instruction*, so the replies to one question never sit
+on both sides of the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfalign.data.oasst import build_ift, load_oasst, split_train_heldout
+from selfalign.data.records import load_jsonl, record_id
+from selfalign.data.seed import load_seed_eft, load_seed_ift
+from selfalign.errors import DataError
+from selfalign.prompts import judge_prompt
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class IFTRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    messages: list[_Msg] = Field(min_length=2)
+
+
+class EFTRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    instruction: str
+    response: str
+    judgment: str
+
+
+@dataclass
+class SeedData:
+    ift: list[dict]
+    eft_train: list[dict]  # raw EFT records
+    eft_heldout: list[dict]
+    dropped: dict = field(default_factory=dict)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The IFT user prompts (the self-instruct stage's seed pool)."""
+        return [next(m["content"] for m in e["messages"] if m["role"] == "user") for e in self.ift]
+
+
+def load_ift(source: str, *, lang: list[str], max_examples: int | None, seed: int) -> tuple[list[dict], dict]:
+    if source == "demo":
+        ift, dropped = load_seed_ift(), {}
+    elif source.startswith("oasst:"):
+        res = build_ift(load_oasst(source.removeprefix("oasst:")), lang=tuple(lang), seed=seed)
+        ift, dropped = res.examples, dict(res.dropped)
+    else:
+        ift = []
+        for rec in load_jsonl(source, IFTRecord):
+            msgs = [m.model_dump() for m in rec.messages]
+            if msgs[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in msgs):
+                raise DataError(f"{source}: example {rec.id or msgs[0]['content'][:40]!r}: needs a user turn and a final assistant turn")
+            ift.append({"id": rec.id or record_id("ift", msgs), "messages": msgs})
+        dropped = {}
+    if max_examples is not None:
+        ift = ift[:max_examples]
+    return ift, dropped
+
+
+def load_eft(source: str) -> list[dict]:
+    if source == "none":
+        return []
+    if source == "demo":
+        return load_seed_eft()
+    return [
+        {"id": r.id or record_id("eft", r.instruction, r.response), "instruction": r.instruction, "response": r.response, "judgment": r.judgment}
+        for r in load_jsonl(source, EFTRecord)
+    ]
+
+
+def split_eft(eft: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for e in eft:
+        groups.setdefault(e["instruction"], []).append(e)
+    keys = [{"id": record_id("eft-question", q)} for q in groups]
+    if not keys or heldout_fraction == 0:
+        return list(eft), []
+    _train, held = split_train_heldout(keys, heldout_fraction, seed)
+    held_ids = {k["id"] for k in held}
+    train = [e for q, es in groups.items() if record_id("eft-question", q) not in held_ids for e in es]
+    heldout = [e for q, es in groups.items() if record_id("eft-question", q) in held_ids for e in es]
+    return train, heldout
+
+
+def load_seed_data(cfg) -> SeedData:
+    """``cfg`` is a :class:`selfalign.recipes.config.SeedDataConfig`."""
+    ift, dropped = load_ift(cfg.ift, lang=cfg.oasst_lang, max_examples=cfg.max_ift, seed=cfg.seed)
+    if not ift:
+        raise DataError(f"seed_data.ift={cfg.ift!r} gave no IFT examples")
+    eft = load_eft(cfg.eft)
+    train, held = split_eft(eft, cfg.eft_heldout_fraction, cfg.seed)
+    if cfg.max_eft is not None:
+        train = train[: cfg.max_eft]
+    return SeedData(ift, train, held, dropped)
+
+
+def eft_to_chat(eft: list[dict], template: str) -> list[dict]:
+    """EFT records -> SFT chat examples (judge prompt -> judgment)."""
+    return [
+        {
+            "id": e["id"],
+            "messages": [
+                {"role": "user", "content": judge_prompt(template, e["instruction"], e["response"])},
+                {"role": "assistant", "content": e["judgment"].strip()},
+            ],
+        }
+        for e in eft
+    ]

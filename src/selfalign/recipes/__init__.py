@@ -1,0 +1,1 @@
+"""The papers' loops, each readable top to bottom like its algorithm box."""

@@ -1,0 +1,112 @@
+"""Recipe configuration: the sections a Self-Rewarding run file holds.
+
+A run file is YAML with ``recipe: self_rewarding`` and the sections below; every key is
+validated (unknown keys are errors naming the key and the file) and can be overridden with
+``--set section.key=value``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from selfalign.config import EngineConfig, ModelConfig, StrictModel
+from selfalign.training.config import DPOSettings, SFTSettings
+
+
+class SeedDataConfig(StrictModel):
+    """Where IFT (instruction -> response) and EFT (judge prompt -> judgment) seed data come from."""
+
+    ift: str = Field("demo", description="'demo' (shipped), a chat-examples JSONL, or an OpenAssistant file (oasst:<path>)")
+    eft: str = Field("demo", description="'demo' (shipped), a JSONL of {instruction, response, judgment}, or 'none'")
+    max_ift: int | None = Field(None, ge=1)
+    max_eft: int | None = Field(None, ge=1)
+    eft_heldout_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="EFT share held out to evaluate the judge")
+    oasst_lang: list[str] = Field(default_factory=lambda: ["en"])
+    seed: int = 0
+
+
+class SFTStageConfig(StrictModel):
+    """M1 = SFT of the base model on IFT + EFT (skip it when starting from a tuned model)."""
+
+    enabled: bool = True
+    use_eft: bool = True
+    settings: SFTSettings = Field(default_factory=SFTSettings)
+
+
+class SelfInstructConfig(StrictModel):
+    num_prompts: int = Field(64, ge=1)
+    seed_shots: int = Field(6, ge=0)
+    generated_shots: int = Field(2, ge=0)
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(96, ge=8)
+    batch_size: int = Field(64, ge=1)
+    max_rounds: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _shots(self) -> SelfInstructConfig:
+        if self.seed_shots + self.generated_shots < 1:
+            raise ValueError("seed_shots + generated_shots must be at least 1")
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
+        return self
+
+
+class RespondConfig(StrictModel):
+    n: int = Field(4, ge=2, description="candidate responses per prompt")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    system_prompt: str | None = None
+
+
+class JudgeConfig(StrictModel):
+    kind: Literal["llm", "function", "classifier"] = "llm"
+    k: int = Field(3, ge=1, description="judgments per candidate (LLM judge)")
+    scoring: Literal["sampled", "expected"] = Field(
+        "sampled",
+        description="sampled: the score on the judgment's last 'Score:' line (the paper); expected: after the "
+        "judgment's reasoning, 'Score: ' is forced and the score is the probability-weighted mean of the digits "
+        "(never fails to parse, fewer ties; needs an engine that reports token probabilities)",
+    )
+    template: str = Field("judge", description="built-in template name or a template file path")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(192, ge=8)
+    function: str | None = Field(None, description="'module:function' for kind=function")
+    classifier_model: str | None = Field(None, description="model dir for kind=classifier")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> JudgeConfig:
+        if self.kind == "function" and not self.function:
+            raise ValueError("kind 'function' needs judge.function: 'module:function'")
+        if self.kind == "classifier" and not self.classifier_model:
+            raise ValueError("kind 'classifier' needs judge.classifier_model")
+        return self
+
+
+class PairsConfig(StrictModel):
+    export_perfect: bool = Field(False, description="also write candidates with a perfect score as SFT examples")
+    perfect_score: float = 5.0
+
+
+class SelfRewardingConfig(StrictModel):
+    recipe: Literal["self_rewarding"] = "self_rewarding"
+    name: str = "self_rewarding"
+    runs_dir: str = "runs"
+    iterations: int = Field(2, ge=1)
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    seed_data: SeedDataConfig = Field(default_factory=SeedDataConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig)
+    respond: RespondConfig = Field(default_factory=RespondConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)

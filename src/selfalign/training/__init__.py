@@ -1,0 +1,24 @@
+"""Training: SFT and DPO on local models with TRL, resumable, saving plain merged models.
+
+``train_sft`` (chat records, loss on the final assistant turn) and ``train_dpo`` (conversational
+preference pairs) both return a :class:`TrainResult` and write the finished model atomically to
+``out_dir``; see :mod:`selfalign.training.outputs` for the directory layout and resume contract.
+Heavy libraries (torch, transformers, trl) are imported only when training starts.
+"""
+
+from selfalign.training.outputs import TrainResult
+from selfalign.training.config import DPOSettings, LoraSettings, SFTSettings, TrainSettings
+
+__all__ = ["DPOSettings", "LoraSettings", "SFTSettings", "TrainResult", "TrainSettings", "train_dpo", "train_sft"]
+
+
+def __getattr__(name: str):
+    if name == "train_sft":
+        from selfalign.training.sft import train_sft
+
+        return train_sft
+    if name == "train_dpo":
+        from selfalign.training.dpo import train_dpo
+
+        return train_dpo
+    raise AttributeError(name)

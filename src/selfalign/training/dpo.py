@@ -1,0 +1,187 @@
+"""Direct Preference Optimization on the model's own preference pairs (TRL ``DPOTrainer``).
+
+Input: pairs in TRL's conversational preference layout::
+
+    {"prompt":   [{"role": "system"?...}, {"role": "user", "content": ...}],
+     "chosen":   [{"role": "assistant", "content": ...}],
+     "rejected": [{"role": "assistant", "content": ...}],
+     ...}                                   # other keys (id, scores, ...) are dropped
+
+``chosen``/``rejected`` may also be given as plain strings (taken as the assistant's reply).
+TRL formats ``prompt`` with the chat template and generation prompt, and ``prompt + chosen``
+/ ``prompt + rejected`` in full; the log-probabilities summed over the reply tokens
+(including the end-of-turn token) enter the DPO loss.
+
+Reference model (the model that generated the pairs, as in Self-Rewarding LMs):
+
+* ``ref_model_dir=None`` (default): the starting weights of ``model_dir`` itself.  With
+  ``precompute_ref_log_probs`` (default) TRL scores every pair with the policy before its
+  first update, so no second copy is loaded.  Without it TRL loads ``model_dir`` again.
+  With LoRA the reference is the base model with the adapter disabled.
+* ``ref_model_dir`` given (and different from ``model_dir``): loaded separately.
+
+With precomputed reference log-probs a resumed run recomputes them from the freshly loaded
+``model_dir`` before the checkpoint's weights are restored, so they stay those of the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfalign.errors import DataError
+from selfalign.training.common import (
+    LogFn,
+    check_messages,
+    check_prompt_lengths,
+    drop_printer,
+    load_model,
+    load_tokenizer,
+    make_log_callback,
+    peft_config,
+    quiet_progress,
+    resolve_bf16,
+    stored_dtype,
+    trainer_kwargs,
+)
+from selfalign.training.config import DPOSettings
+from selfalign.training.outputs import (
+    TrainResult,
+    checkpoints_dir,
+    finished_result,
+    make_fingerprint,
+    prepare_checkpoints,
+    run_and_save,
+)
+
+
+def _reply(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    msgs = check_messages(value, where)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise DataError(f"{where}: expected exactly one assistant message")
+    return msgs
+
+
+def to_preference_records(pairs: list[dict]) -> list[dict]:
+    """Validate pairs and keep only ``prompt``/``chosen``/``rejected`` (see module doc).
+
+    Raises :class:`DataError` naming the pair index for a malformed pair or a prompt that
+    does not end with a user message.
+    """
+    if not pairs:
+        raise DataError("DPO: no preference pairs")
+    out = []
+    for i, p in enumerate(pairs):
+        where = f"DPO pair {i}" + (f" (id {p['id']})" if isinstance(p, dict) and "id" in p else "")
+        if not isinstance(p, dict) or not all(k in p for k in ("prompt", "chosen", "rejected")):
+            raise DataError(f"{where}: expected a record with 'prompt', 'chosen' and 'rejected'")
+        prompt = check_messages(p["prompt"], f"{where}: prompt")
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end with a user message")
+        chosen = _reply(p["chosen"], f"{where}: chosen")
+        rejected = _reply(p["rejected"], f"{where}: rejected")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def build_dpo_trainer(
+    model_dir: Path,
+    data: list[dict],
+    ckpt_dir: Path,
+    settings: DPOSettings,
+    *,
+    ref_model_dir: Path | None = None,
+    callbacks=(),
+    log: LogFn | None = None,
+):
+    """A ``DPOTrainer`` on cleaned preference ``data``; returns ``(trainer, tokenizer, bf16)``.
+
+    With precomputed reference log-probs the reference model is dropped after precomputing.
+    """
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from transformers import set_seed
+
+    set_seed(settings.seed)  # before TRL wraps the model: LoRA's initial weights are random
+    bf16 = resolve_bf16(settings.bf16, lora=settings.lora is not None)
+    args = DPOConfig(
+        **trainer_kwargs(settings, ckpt_dir, bf16),
+        beta=settings.beta,
+        loss_type=[settings.loss_type],
+        label_smoothing=settings.label_smoothing,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        precompute_ref_batch_size=max(settings.per_device_batch_size, 8),
+        disable_dropout=True,
+    )
+    tokenizer = load_tokenizer(model_dir)
+    check_prompt_lengths(tokenizer, data, "DPO", settings.max_length, log)
+    ref_model = None
+    if ref_model_dir is not None and Path(ref_model_dir).resolve() != Path(model_dir).resolve():
+        ref_model = load_model(Path(ref_model_dir))
+    trainer = DPOTrainer(
+        model=load_model(model_dir),
+        ref_model=ref_model,
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tokenizer,
+        peft_config=peft_config(settings.lora),
+        callbacks=list(callbacks),
+    )
+    if settings.precompute_ref_log_probs:
+        trainer.ref_model = None  # its log-probs are in the dataset now; free the memory
+    return trainer, tokenizer, bf16
+
+
+def train_dpo(
+    model_dir: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    settings: DPOSettings,
+    *,
+    ref_model_dir: Path | None = None,
+    log: LogFn | None = None,
+    callbacks=(),
+) -> TrainResult:
+    """DPO-train ``model_dir`` on ``pairs`` and save the result as a plain model in ``out_dir``.
+
+    Same contract as :func:`selfalign.training.sft.train_sft` (resume, reuse of a finished
+    ``out_dir``, ``log`` lines, extra ``callbacks``).  ``result.history`` holds TRL's
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` and
+    ``logps/chosen``/``logps/rejected`` per logging step.
+    """
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    data = to_preference_records(pairs)
+    if ref_model_dir is not None and Path(ref_model_dir).resolve() == model_dir.resolve():
+        ref_model_dir = None
+    fingerprint = make_fingerprint("dpo", model_dir, data, settings, ref_model_dir=ref_model_dir)
+    done = finished_result(out_dir, fingerprint)
+    if done is not None:
+        if log:
+            log(f"{out_dir} is already trained; nothing to do")
+        return done
+    ckpt_dir = checkpoints_dir(out_dir)
+    resume = prepare_checkpoints(ckpt_dir, fingerprint)
+    with quiet_progress():
+        trainer, tokenizer, bf16 = build_dpo_trainer(
+            model_dir, data, ckpt_dir, settings, ref_model_dir=ref_model_dir, callbacks=callbacks, log=log
+        )
+        drop_printer(trainer)
+        trainer.add_callback(make_log_callback(log))
+        return run_and_save(
+            trainer,
+            tokenizer=tokenizer,
+            out_dir=out_dir,
+            ckpt_dir=ckpt_dir,
+            resume_from=resume,
+            fingerprint=fingerprint,
+            settings=settings,
+            source_dtype=stored_dtype(model_dir),
+            num_examples=len(data),
+            bf16=bf16,
+            log=log,
+            t_start=t0,
+        )

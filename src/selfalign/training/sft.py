@@ -1,0 +1,153 @@
+"""Supervised fine-tuning on chat records, loss on the final assistant turn only (TRL ``SFTTrainer``).
+
+Input: records ``{"messages": [{"role": "system"?}, {"role": "user"}, ..., {"role": "assistant"}]}``
+(other keys such as ``id`` are ignored).  The last message must be the assistant's.
+
+Each record becomes a TRL *prompt-completion* example: ``prompt`` = every message before the
+last, ``completion`` = ``[last assistant message]``.  TRL tokenizes ``prompt`` with the
+generation prompt appended and ``prompt + completion`` in full, and with
+``completion_only_loss=True`` sets the labels of the prompt tokens to -100.  So only the
+assistant's answer and its end-of-turn token (for SmolLM2's ChatML template:
+``<content><|im_end|>\\n``) are trained; the system prompt, the user turns, earlier assistant
+turns and the ``<|im_start|>assistant\\n`` header are not.  TRL's alternative,
+``assistant_only_loss``, needs ``{% generation %}`` markers in the chat template, which
+SmolLM2's template lacks, so it is not used.
+
+See :mod:`selfalign.training.outputs` for the output layout, resume and the atomic save.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfalign.errors import DataError
+from selfalign.training.common import (
+    LogFn,
+    check_messages,
+    check_prompt_lengths,
+    drop_printer,
+    load_model,
+    load_tokenizer,
+    make_log_callback,
+    peft_config,
+    quiet_progress,
+    resolve_bf16,
+    stored_dtype,
+    trainer_kwargs,
+)
+from selfalign.training.config import SFTSettings
+from selfalign.training.outputs import (
+    TrainResult,
+    checkpoints_dir,
+    finished_result,
+    make_fingerprint,
+    prepare_checkpoints,
+    run_and_save,
+)
+
+
+def to_prompt_completion(examples: list[dict]) -> list[dict]:
+    """Validate chat records and split each into ``{"prompt": [...], "completion": [assistant]}``.
+
+    Raises :class:`DataError` naming the record index for a malformed record, a record whose
+    last message is not the assistant's, or one without a user turn.
+    """
+    if not examples:
+        raise DataError("SFT: no training examples")
+    out = []
+    for i, ex in enumerate(examples):
+        where = f"SFT example {i}" + (f" (id {ex['id']})" if isinstance(ex, dict) and "id" in ex else "")
+        if not isinstance(ex, dict) or "messages" not in ex:
+            raise DataError(f"{where}: expected a record with a 'messages' list")
+        msgs = check_messages(ex["messages"], f"{where}: messages")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (it is the one trained on)")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise DataError(f"{where}: no user message before the assistant's")
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return out
+
+
+def build_sft_trainer(
+    model_dir: Path, data: list[dict], ckpt_dir: Path, settings: SFTSettings, *, callbacks=(), log: LogFn | None = None
+):
+    """An ``SFTTrainer`` on prompt-completion ``data`` (see :func:`to_prompt_completion`).
+
+    Exposed so tests and tools can inspect the prepared dataset and collated batches.
+    Returns ``(trainer, tokenizer, bf16)``.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from transformers import set_seed
+
+    set_seed(settings.seed)  # before TRL wraps the model: LoRA's initial weights are random
+    bf16 = resolve_bf16(settings.bf16, lora=settings.lora is not None)
+    args = SFTConfig(
+        **trainer_kwargs(settings, ckpt_dir, bf16),
+        completion_only_loss=True,
+        assistant_only_loss=False,
+        packing=False,
+        dataset_num_proc=None,
+    )
+    tokenizer = load_tokenizer(model_dir)
+    check_prompt_lengths(tokenizer, data, "SFT", settings.max_length, log)
+    trainer = SFTTrainer(
+        model=load_model(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tokenizer,
+        peft_config=peft_config(settings.lora),
+        callbacks=list(callbacks),
+    )
+    return trainer, tokenizer, bf16
+
+
+def train_sft(
+    model_dir: Path,
+    examples: list[dict],
+    out_dir: Path,
+    settings: SFTSettings,
+    *,
+    log: LogFn | None = None,
+    callbacks=(),
+) -> TrainResult:
+    """Fine-tune ``model_dir`` on ``examples`` and save the result as a plain model in ``out_dir``.
+
+    ``log`` receives one human-readable line per logging step (and on resume/save);
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects.  An interrupted call
+    resumes from its last checkpoint when called again with the same arguments; a finished
+    ``out_dir`` of the same inputs is returned as is (``result.reused``).
+    """
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    data = to_prompt_completion(examples)
+    fingerprint = make_fingerprint("sft", model_dir, data, settings)
+    done = finished_result(out_dir, fingerprint)
+    if done is not None:
+        if log:
+            log(f"{out_dir} is already trained; nothing to do")
+        return done
+    ckpt_dir = checkpoints_dir(out_dir)
+    resume = prepare_checkpoints(ckpt_dir, fingerprint)
+    with quiet_progress():
+        trainer, tokenizer, bf16 = build_sft_trainer(
+            model_dir, data, ckpt_dir, settings, callbacks=callbacks, log=log
+        )
+        drop_printer(trainer)
+        trainer.add_callback(make_log_callback(log))
+        return run_and_save(
+            trainer,
+            tokenizer=tokenizer,
+            out_dir=out_dir,
+            ckpt_dir=ckpt_dir,
+            resume_from=resume,
+            fingerprint=fingerprint,
+            settings=settings,
+            source_dtype=stored_dtype(model_dir),
+            num_examples=len(data),
+            bf16=bf16,
+            log=log,
+            t_start=t0,
+        )

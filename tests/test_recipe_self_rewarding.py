@@ -1,0 +1,75 @@
+"""The Self-Rewarding recipe end to end on the real embedded model, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfalign.config import load_config
+from selfalign.data.records import is_done, read_jsonl
+from selfalign.errors import RunError
+from selfalign.recipes.config import SelfRewardingConfig
+from selfalign.recipes.self_rewarding import run_self_rewarding
+
+TINY = [
+    "iterations=2",
+    "sft.settings.max_steps=2",
+    "sft.settings.per_device_batch_size=2",
+    "sft.settings.max_length=384",
+    "self_instruct.num_prompts=3",
+    "self_instruct.max_new_tokens=40",
+    "respond.n=3",
+    "respond.max_new_tokens=32",
+    "judge.k=2",
+    "judge.max_new_tokens=40",
+    "judge.scoring=expected",
+    "dpo.max_steps=1",
+    "dpo.per_device_batch_size=2",
+    "dpo.max_length=256",
+]
+
+
+def _cfg(tmp_path, *extra):
+    from selfalign.cli import _default_recipe_config
+
+    return load_config(SelfRewardingConfig, _default_recipe_config(), [f"runs_dir={tmp_path}", "name=tiny", *TINY, *extra])
+
+
+@pytest.mark.slow
+def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
+    cfg = _cfg(tmp_path)
+    result = run_self_rewarding(cfg, show_progress=False)
+    run_dir = tmp_path / "tiny"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values()), manifest["stages"]
+    assert [m["iteration"] for m in result.iterations] == [1, 2]
+    for t in (1, 2):
+        it = run_dir / f"iter_{t}"
+        for name in ("self_instruct", "respond", "judge", "pairs"):
+            assert is_done(it / f"{name}.jsonl"), name
+        prompts = [r for r in read_jsonl(it / "self_instruct.jsonl") if r["kept"]]
+        responses = list(read_jsonl(it / "respond.jsonl"))
+        judgments = list(read_jsonl(it / "judge.jsonl"))
+        pairs = list(read_jsonl(it / "pairs.jsonl"))
+        assert len(prompts) == 3 and len(responses) == 9 and len(judgments) == 18
+        assert all(0 <= j["score"] <= 5 for j in judgments)  # expected scores never fail to parse
+        assert pairs, "expected scores should separate at least one prompt's candidates"
+        for p in pairs:
+            assert p["chosen_score"] > p["rejected_score"]
+            assert p["prompt"][-1]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+        assert (it / "model" / "model.safetensors").is_file()
+        metrics = json.loads((it / "metrics.json").read_text())
+        assert metrics["candidates"] == 9 and metrics["pairs"] == len(pairs)
+        assert metrics["dpo_loss_first"] is not None
+    assert result.final_model == run_dir / "iter_2" / "model"
+
+    # rerunning the finished run does nothing and changes nothing
+    before = (run_dir / "iter_2" / "pairs.jsonl").read_bytes()
+    again = run_self_rewarding(cfg, show_progress=False)
+    assert (run_dir / "iter_2" / "pairs.jsonl").read_bytes() == before
+    assert [m["pairs"] for m in again.iterations] == [m["pairs"] for m in result.iterations]
+
+    # a change that would invalidate finished stages is refused, naming the key
+    with pytest.raises(RunError, match="respond.temperature"):
+        run_self_rewarding(_cfg(tmp_path, "respond.temperature=0.9"), show_progress=False)
