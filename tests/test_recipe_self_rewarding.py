@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -36,11 +40,36 @@ def _cfg(tmp_path, *extra):
     return load_config(SelfRewardingConfig, _default_recipe_config(), [f"runs_dir={tmp_path}", "name=tiny", *TINY, *extra])
 
 
+def _kill_when(proc, path, min_lines: int, limit: float = 300) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= min_lines:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            return
+        time.sleep(0.05)
+    out = proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+    pytest.fail(f"never reached {min_lines} lines in {path} (exit {proc.poll()}):\n{out}")
+
+
 @pytest.mark.slow
 def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
     cfg = _cfg(tmp_path)
-    result = run_self_rewarding(cfg, show_progress=False)
     run_dir = tmp_path / "tiny"
+    # first attempt: killed with SIGKILL in the middle of iteration 1's judging
+    # small engine batches make results stream one request at a time (engine settings may change on resume)
+    args = [f"--set={o}" for o in [f"runs_dir={tmp_path}", "name=tiny", *TINY, "engine.max_batch_size=2"]]
+    proc = subprocess.Popen([sys.executable, "-m", "selfalign.cli", "run", *args, "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _kill_when(proc, run_dir / "iter_1" / "judge.jsonl", 2)
+    killed = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert killed["sft"]["status"] == "done" and killed["iter_1/judge"]["status"] == "running"
+    before = (run_dir / "iter_1" / "judge.jsonl").read_bytes()
+    before = before[: before.rfind(b"\n") + 1]
+
+    # the rerun resumes: finished stages are kept, the judge continues from its last record
+    result = run_self_rewarding(cfg, show_progress=False)
+    assert (run_dir / "iter_1" / "judge.jsonl").read_bytes().startswith(before)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values()), manifest["stages"]
     assert [m["iteration"] for m in result.iterations] == [1, 2]
@@ -53,6 +82,7 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
         judgments = list(read_jsonl(it / "judge.jsonl"))
         pairs = list(read_jsonl(it / "pairs.jsonl"))
         assert len(prompts) == 3 and len(responses) == 9 and len(judgments) == 18
+        assert len({j["id"] for j in judgments}) == 18  # nothing duplicated by the resume
         assert all(0 <= j["score"] <= 5 for j in judgments)  # expected scores never fail to parse
         assert pairs, "expected scores should separate at least one prompt's candidates"
         for p in pairs:

@@ -175,3 +175,30 @@ def test_self_instruct_resume_keeps_the_pool(tmp_path):
     assert texts[:2] == first and stats.kept == 4 and len(set(texts)) == 4
     rounds = [json.loads(x)["round"] for x in path.read_text().splitlines()]
     assert rounds == sorted(rounds)
+
+
+# ------------------------------------------------------------------ EFT from human-ranked replies
+def test_build_eft_keeps_only_groups_the_model_ranks_like_humans(tmp_path):
+    from selfalign.stages.eft import build_eft
+
+    # the scripted judge gives each reply the score written in its text ("quality N")
+    def judge(req, i):
+        text = req.messages[0].content
+        body = text[text.index("<response>") :]
+        n = int(body.split("quality ")[1][0])
+        return "Reasoning.\nScore: 9" if n == 9 else f"Reasoning.\nScore: {n}"
+
+    def group(pid, qualities):
+        return {"prompt_id": pid, "prompt": f"question {pid}",
+                "replies": [{"id": f"{pid}{k}", "text": f"reply quality {q}", "rank": k} for k, q in enumerate(qualities)]}
+
+    groups = [group("a", [5, 3, 1]), group("b", [2, 4, 1]), group("c", [3, 3, 1]), group("d", [4, 9, 1])]
+    with JsonlWriter(tmp_path / "eft.jsonl") as w:
+        stats = build_eft(ScriptedEngine(judge), groups, w, show_progress=False)
+    assert stats.as_dict()["dropped"] == {"disagrees": 1, "tie": 1, "unparsable": 1}
+    kept = list(read_jsonl(tmp_path / "eft.jsonl"))
+    assert [(e["prompt_id"], e["score"], e["human_rank"]) for e in kept] == [("a", 5, 0), ("a", 3, 1), ("a", 1, 2)]
+    assert kept[0]["judgment"].endswith("Score: 5") and kept[0]["instruction"] == "question a"
+    with JsonlWriter(tmp_path / "eft2.jsonl") as w:
+        allow = build_eft(ScriptedEngine(judge), groups, w, ties="allow", show_progress=False)
+    assert allow.kept_groups == 2  # the tied group now counts as agreeing

@@ -2,7 +2,8 @@
 
 - IFT: ``demo`` (shipped), ``oasst:<file>`` (first turns + rank-0 replies of OpenAssistant trees,
   either layout), or a JSONL of ``{"id"?, "messages": [...user..., assistant]}``.
-- EFT: ``demo`` (shipped), ``none``, or a JSONL of ``{"id"?, "instruction", "response", "judgment"}``
+- EFT: ``demo`` (shipped), ``none``, ``oasst:<file>`` (judged by the base model and kept where its
+  scores agree with the human ranks: the recipe's ``seed_eft`` stage), or a JSONL of ``{"id"?, "instruction", "response", "judgment"}``
   where the judgment ends with its ``Score:`` line.
 
 EFT examples become SFT chat examples whose user turn is the judge prompt (rendered with the
@@ -78,8 +79,8 @@ def load_ift(source: str, *, lang: list[str], max_examples: int | None, seed: in
 
 
 def load_eft(source: str) -> list[dict]:
-    if source == "none":
-        return []
+    if source == "none" or source.startswith("oasst:"):
+        return []  # oasst: EFT is built by the recipe's seed_eft stage with the model itself
     if source == "demo":
         return load_seed_eft()
     return [

@@ -79,8 +79,11 @@ class HFEngine(Engine):
         trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from selfalign.models import resolve_dtype
+
+        hf_logging.disable_progress_bar()  # our own bars report progress; no per-load weight bars
 
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)

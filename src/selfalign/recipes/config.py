@@ -19,7 +19,14 @@ class SeedDataConfig(StrictModel):
     """Where IFT (instruction -> response) and EFT (judge prompt -> judgment) seed data come from."""
 
     ift: str = Field("demo", description="'demo' (shipped), a chat-examples JSONL, or an OpenAssistant file (oasst:<path>)")
-    eft: str = Field("demo", description="'demo' (shipped), a JSONL of {instruction, response, judgment}, or 'none'")
+    eft: str = Field(
+        "demo",
+        description="'demo' (shipped), a JSONL of {instruction, response, judgment}, 'none', or oasst:<file> "
+        "(the base model judges human-ranked replies; kept where its scores agree with the ranks)",
+    )
+    eft_ties: Literal["drop", "allow"] = Field("drop", description="oasst EFT: do tied scores count as agreement?")
+    eft_max_groups: int | None = Field(None, ge=1, description="oasst EFT: judge at most this many prompts")
+    eft_max_new_tokens: int = Field(256, ge=16)
     max_ift: int | None = Field(None, ge=1)
     max_eft: int | None = Field(None, ge=1)
     eft_heldout_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="EFT share held out to evaluate the judge")

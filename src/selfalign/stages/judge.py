@@ -88,7 +88,7 @@ class LLMJudge(Reward):
     min_score: int = 0
     max_score: int = 5
     scoring: str = "sampled"  # or "expected": probability-weighted score after a forced "Score: "
-    probe_batch: int = 32
+    probe_batch: int = 4  # responses whose judgments are probed (and then written) together
     name: str = field(default="llm_judge")
 
     def __post_init__(self) -> None:
@@ -284,6 +284,7 @@ def run_judge(
         for _resp, judgments, tokens in reward.judge(todo):
             for j in judgments:
                 writer.write(j)
+            writer.flush()  # a response's judgments reach the disk together, as soon as they exist
             tokens_total += tokens
             bar.advance(1, tokens)
     writer.flush()

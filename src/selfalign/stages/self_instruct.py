@@ -175,6 +175,7 @@ def run_self_instruct(
                     bar.advance(1, sample.completion_tokens)
                 else:
                     stats.rejected[reason] += 1
+                    bar.advance(0, sample.completion_tokens)
             writer.flush()
             rnd += 1
     stats.rounds = rnd
