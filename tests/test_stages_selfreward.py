@@ -202,3 +202,29 @@ def test_build_eft_keeps_only_groups_the_model_ranks_like_humans(tmp_path):
     with JsonlWriter(tmp_path / "eft2.jsonl") as w:
         allow = build_eft(ScriptedEngine(judge), groups, w, ties="allow", show_progress=False)
     assert allow.kept_groups == 2  # the tied group now counts as agreeing
+
+
+def test_classifier_reward_scores_with_a_sequence_classification_model(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from selfalign.stages.judge import ClassifierReward
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg)
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    responses = _responses(["four", "It is 4.", "I do not know, sorry."])
+    reward = ClassifierReward(tmp_path / "rm", batch_size=2)
+    with JsonlWriter(tmp_path / "j.jsonl") as w:
+        stats = run_judge(reward, responses, w, expected=1, show_progress=False)
+    scores = aggregate(tmp_path / "j.jsonl")
+    assert set(scores) == {"r0", "r1", "r2"} and stats.parsed == 3
+    # the score is the model's own head output on the chat-formatted exchange
+    text = tok.apply_chat_template([*responses[1]["messages"], {"role": "assistant", "content": "It is 4."}], tokenize=False)
+    with torch.inference_mode():
+        direct = model(**tok([text], return_tensors="pt")).logits[0, 0].item()
+    assert scores["r1"] == pytest.approx(direct, abs=1e-4)
