@@ -385,3 +385,34 @@ def test_custom_templates_are_validated(tmp_path):
     one_sided.write_text("{{ instruction }} {{ response }} {{ judgment_a }}\nWinner: A\n")
     with pytest.raises(ConfigError, match="judgment_b"):
         meta_judge_prompt(str(one_sided), "q", "r", "rubric", "a", "b")
+
+
+def test_forced_verdicts_come_from_the_engines_probabilities(tmp_path):
+    """verdict=forced: no parse failures; the winner is the more probable of A and B after 'Winner: '."""
+    responses, judgments = _data()
+
+    class ProbingEngine(ScriptedEngine):
+        def __init__(self):
+            super().__init__(lambda req, i: "Some comparison without a verdict line.")
+            self.probes = []
+
+        def next_token_probs(self, prompts, candidates):
+            assert list(candidates) == ["A", "B"]
+            out = []
+            for messages, prefix in prompts:
+                self.probes.append(prefix)
+                text = messages[0].content
+                a = text[text.index("<judgment_a>") : text.index("</judgment_a>")]
+                out.append([0.7, 0.2] if MARK in a else [0.2, 0.7])  # the marked judgment always wins
+            return out
+
+    eng = ProbingEngine()
+    s = MetaJudgeSettings(verdict="forced")
+    with JsonlWriter(tmp_path / "meta.jsonl", fingerprint=meta_fingerprint(s, eng)) as w:
+        pairs, stats = run_meta_judge(eng, responses, judgments, w, s, show_progress=False)
+    d = stats.as_dict()
+    assert d["parse_failures"] == 0 and d["asked"] == d["comparisons"] == len(eng.probes)
+    assert all(p.endswith("Some comparison without a verdict line.\nWinner: ") for p in eng.probes)
+    recs = list(read_jsonl(tmp_path / "meta.jsonl"))
+    assert all(r["sampled_parse_error"] == "no Winner line" and len(r["verdict_probs"]) == 2 for r in recs)
+    assert any(p["chosen_judgment_id"] == "r0-j2" for p in pairs)  # the marked judgment of r0 is chosen

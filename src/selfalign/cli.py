@@ -154,20 +154,26 @@ def run(
     """Run (or resume) a recipe from its config; prints the per-iteration table at the end."""
     import time
 
-    from selfalign.config import load_config
-    from selfalign.recipes.config import SelfRewardingConfig
-    from selfalign.recipes.self_rewarding import run_self_rewarding
+    from selfalign.config import load_config, recipe_name
     from selfalign.report import iteration_table
 
     path = config or _default_recipe_config()
     t0 = time.monotonic()
     try:
-        cfg = load_config(SelfRewardingConfig, path, list(overrides or []))
-        result = run_self_rewarding(cfg, restart_from=restart_from, show_progress=progress)
+        recipe = recipe_name(path, list(overrides or []))
+        if recipe == "meta_rewarding":
+            from selfalign.recipes.config import MetaRewardingConfig as Config
+            from selfalign.recipes.meta_rewarding import run_meta_rewarding as runner
+        else:
+            from selfalign.recipes.config import SelfRewardingConfig as Config
+            from selfalign.recipes.self_rewarding import run_self_rewarding as runner
+        cfg = load_config(Config, path, list(overrides or []))
+        result = runner(cfg, restart_from=restart_from, show_progress=progress)
     except SelfAlignError as e:
         _fail(e)
         return
-    console.print(iteration_table(result.iterations))
+    title = "Meta-Rewarding iterations" if recipe == "meta_rewarding" else "Self-Rewarding iterations"
+    console.print(iteration_table(result.iterations, title=title))
     console.print(f"run: {result.run_dir}  final model: {result.final_model}  wall time: {time.monotonic() - t0:.0f}s")
 
 

@@ -155,6 +155,28 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
+RECIPES = ("self_rewarding", "meta_rewarding")
+
+
+def recipe_name(path: str | Path, overrides: list[str] | None = None) -> str:
+    """The ``recipe:`` key of a run config (after overrides), checked against the known recipes."""
+    data: dict = {}
+    p = Path(path)
+    if p.is_file():
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            loaded = None  # load_config reports the syntax error with its line
+        data = loaded if isinstance(loaded, dict) else {}
+    for o in overrides or []:
+        if o.partition("=")[0].strip() == "recipe":
+            apply_override(data, o)
+    name = data.get("recipe", "self_rewarding")
+    if name not in RECIPES:
+        raise ConfigError(f"{p}: recipe: unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    return name
+
+
 def config_to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
 

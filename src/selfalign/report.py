@@ -32,6 +32,20 @@ ITERATION_ROWS = [
     ("DPO reward margin (last)", "reward_margin_last"),
 ]
 
+# Meta-Rewarding adds these (shown when present)
+META_ROWS = [
+    ("schedule", "schedule"),
+    ("duplicates removed", "duplicates_removed"),
+    ("chosen / rejected tokens", lambda m: f"{_fmt(m.get('mean_chosen_tokens'))} / {_fmt(m.get('mean_rejected_tokens'))}"),
+    ("meta comparisons", "meta_comparisons"),
+    ("meta parse failures", "meta_parse_failures"),
+    ("first-position win share", "first_position_win_share"),
+    ("Elo spread", "elo_spread"),
+    ("mean judgment chars", "mean_judgment_chars"),
+    ("judge pairs", "judge_pairs"),
+    ("judge pairs dropped", "judge_pairs_dropped"),
+]
+
 
 def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterations") -> Table:
     """One column per iteration, one row per metric (fits a narrow terminal)."""
@@ -39,6 +53,7 @@ def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterati
     table.add_column("metric", style="bold")
     for m in iterations:
         table.add_column(f"iter {m['iteration']}", overflow="fold")
-    for name, key in ITERATION_ROWS:
+    rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
+    for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])
     return table

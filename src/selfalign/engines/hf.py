@@ -308,8 +308,11 @@ class HFEngine(Engine):
             msgs = [m.to_dict() if hasattr(m, "to_dict") else dict(m) for m in messages]
             head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             texts.append(head + prefix)
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        cand_ids = [self._candidate_ids(t, enc, candidates) for t, enc in zip(texts, encoded)]
+        encoded, cand_ids = [], []
+        for t in texts:
+            enc, ids = self._prefix_and_candidates(t, candidates)
+            encoded.append(enc)
+            cand_ids.append(ids)
         order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
         out: list[list[float]] = [[] for _ in texts]
         start = 0
@@ -331,14 +334,29 @@ class HFEngine(Engine):
                 out[i] = [float(probs[row, c]) for c in cand_ids[i]]
         return out
 
-    def _candidate_ids(self, text: str, encoded: list[int], candidates) -> list[int]:
-        ids = []
-        for c in candidates:
-            full = self.tokenizer(text + c, add_special_tokens=False)["input_ids"]
-            if len(full) != len(encoded) + 1 or full[: len(encoded)] != encoded:
-                raise EngineError(f"candidate {c!r} is not a single next token after the given text for this tokenizer")
-            ids.append(full[-1])
-        return ids
+    def _prefix_and_candidates(self, text: str, candidates) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and of each candidate as the single token that follows it.
+
+        BPE tokenizers often fold a space into the next word (``" A"`` is one token while ``" 4"``
+        is two), so when ``text`` ends with whitespace that does not stand alone, the whitespace
+        is moved into the candidates (``"Winner: " + "A"`` is scored as ``"Winner:" + " A"``).
+        """
+        variants = [(text, list(candidates))]
+        stripped = text.rstrip(" ")
+        if stripped != text:
+            space = text[len(stripped) :]
+            variants.append((stripped, [space + c for c in candidates]))
+        for prefix, cands in variants:
+            encoded = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            ids = []
+            for c in cands:
+                full = self.tokenizer(prefix + c, add_special_tokens=False)["input_ids"]
+                if len(full) != len(encoded) + 1 or full[: len(encoded)] != encoded:
+                    break
+                ids.append(full[-1])
+            else:
+                return encoded, ids
+        raise EngineError(f"candidates {list(candidates)!r} are not single next tokens after the given text for this tokenizer")
 
     def _hit_stop(self, r: _Row) -> bool:
         longest = max(len(s) for s in r.stop)

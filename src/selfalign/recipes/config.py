@@ -38,6 +38,7 @@ class SFTStageConfig(StrictModel):
     """M1 = SFT of the base model on IFT + EFT (skip it when starting from a tuned model)."""
 
     enabled: bool = True
+    use_ift: bool = True
     use_eft: bool = True
     settings: SFTSettings = Field(default_factory=SFTSettings)
 
@@ -117,3 +118,50 @@ class SelfRewardingConfig(StrictModel):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+
+
+# ----------------------------------------------------------------------------- Meta-Rewarding
+class LengthControlConfig(StrictModel):
+    rho: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="0 = plain best-vs-worst; larger widens the top/bottom tiers and prefers shorter chosen, longer rejected",
+    )
+
+
+class MetaJudgeConfig(StrictModel):
+    template: str = Field("meta_judge", description="built-in name or a template file path")
+    top_k: int | None = Field(None, ge=1, description="responses meta-judged per iteration (highest judgment-score variance first)")
+    min_variance: float | None = Field(None, ge=0.0, description="only responses whose judgment scores vary at least this much")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=8)
+    verdict: Literal["sampled", "forced"] = Field(
+        "sampled",
+        description="sampled: the output's last 'Winner:' line (the paper); forced: after the reasoning, "
+        "'Winner: ' is forced and the more probable of A and B wins (never fails to parse; hf engine)",
+    )
+    elo_l2: float = Field(0.01, ge=0.0, description="L2 regulariser of the Elo fit (keeps it finite when one judgment wins all)")
+    max_judgment_chars: int | None = Field(None, ge=1, description="drop judge pairs with a longer judgment")
+    max_judgment_tokens: int | None = Field(None, ge=1, description="drop judge pairs with a longer judgment (actor tokens)")
+
+
+Schedule = Literal["actor+judge", "actor"]
+
+
+class MetaRewardingConfig(SelfRewardingConfig):
+    recipe: Literal["meta_rewarding"] = "meta_rewarding"  # type: ignore[assignment]
+    name: str = "meta_rewarding"
+    iterations: int = Field(4, ge=1)
+    sft: SFTStageConfig = Field(default_factory=lambda: SFTStageConfig(use_ift=False))
+    respond: RespondConfig = Field(default_factory=lambda: RespondConfig(n=7))
+    judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(k=5))
+    length_control: LengthControlConfig = Field(default_factory=LengthControlConfig)
+    meta_judge: MetaJudgeConfig = Field(default_factory=MetaJudgeConfig)
+    schedule: list[Schedule] = Field(
+        default_factory=lambda: ["actor+judge", "actor+judge", "actor", "actor"],
+        min_length=1,
+        description="what DPO trains on in iteration t (the last entry repeats): actor and judge pairs, or actor pairs only",
+    )
+
+    def plan(self, t: int) -> Schedule:
+        return self.schedule[min(t, len(self.schedule)) - 1]

@@ -267,6 +267,10 @@ class MetaJudgeSettings:
     max_judgment_chars: int | None = None
     max_judgment_tokens: int | None = None  # needs run_meta_judge(count_tokens=...)
     iteration: int | None = None
+    # "sampled": the verdict on the output's last "Winner:" line (a failure when missing);
+    # "forced": after the comparison's reasoning, "Winner: " is forced and the more probable of
+    # A and B wins (never fails; needs an engine with next_token_probs). See docs/meta_rewarding.md.
+    verdict: str = "sampled"
 
 
 @dataclass
@@ -316,7 +320,7 @@ def meta_fingerprint(settings: MetaJudgeSettings, engine: Engine) -> dict:
     return {
         "template": config_hash(load_template(settings.template).source), "rubric": config_hash(rubric),
         "temperature": settings.temperature, "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
-        "seed": settings.seed, "generator": engine.describe(),
+        "seed": settings.seed, "verdict": settings.verdict, "generator": engine.describe(),
     }
 
 
@@ -346,6 +350,31 @@ def _pick_pair(r: dict, js: list[dict], elo: np.ndarray, judge_tpl: Template, se
         "chosen_elo": round(float(elo[ci]), 6), "rejected_elo": round(float(elo[ri]), 6),
         "iteration": settings.iteration,
     }
+
+
+def _verdicts(batch, settings: MetaJudgeSettings, engine: Engine):
+    """``(planned, sample, verdict, extra fields)`` for a batch of results, sampled or forced."""
+    out = []
+    for p, res in batch:
+        s = res.samples[0]
+        v = parse_verdict(s.text) if s.finish_reason != "error" else ParsedVerdict(None, f"generation failed: {s.error}")
+        out.append((p, s, v, {}))
+    if settings.verdict != "forced" or not out:
+        return out
+    probes = []
+    for (p, res), (_, s, v, _) in zip(batch, out):
+        text = s.text
+        if v.line:
+            cut = text.rfind(v.line)
+            text = text[:cut] if cut >= 0 else text
+        text = text.rstrip()
+        probes.append((res.request.messages, (text + "\n" if text else "") + "Winner: "))
+    forced = []
+    for (p, s, v, _), probs in zip(out, engine.next_token_probs(probes, ["A", "B"])):
+        winner = "A" if probs[0] >= probs[1] else "B"
+        extra = {"sampled_winner": v.winner, "sampled_parse_error": v.error, "verdict_probs": [round(x, 5) for x in probs]}
+        forced.append((p, s, ParsedVerdict(winner, None), extra))
+    return forced
 
 
 def run_meta_judge(
@@ -396,20 +425,28 @@ def run_meta_judge(
 
     with generation_progress("meta_judge", len(plan), enabled=show_progress) as bar:
         bar.advance(stats.reused)
-        for res in engine.generate([request(p) for p in todo.values()]):
-            p, s = todo[res.request.id], res.samples[0]
-            v = parse_verdict(s.text) if s.finish_reason != "error" else ParsedVerdict(None, f"generation failed: {s.error}")
+        def record(p: _Planned, s, v: ParsedVerdict, extra: dict) -> None:
             winner = {"A": p.a["id"], "B": p.b["id"]}.get(v.winner or "")
             writer.write({
                 "id": p.id, "kind": "meta_comparison", "response_id": p.response_id,
                 "prompt_id": by_id[p.response_id].get("prompt_id"), "judgment_a_id": p.a["id"],
                 "judgment_b_id": p.b["id"], "order": p.order, "meta_output": s.text, "winner": winner,
-                "winner_position": v.winner, "parse_error": v.error, "tokens": s.completion_tokens,
+                "winner_position": v.winner, "parse_error": v.error, "tokens": s.completion_tokens, **extra,
             })
-            writer.flush()
             stats.asked += 1
             stats.tokens += s.completion_tokens
             bar.advance(1, s.completion_tokens)
+
+        batch: list = []
+        for res in engine.generate([request(p) for p in todo.values()]):
+            batch.append((todo[res.request.id], res))
+            if settings.verdict == "sampled" or len(batch) >= 8:
+                for p, s, v, extra in _verdicts(batch, settings, engine):
+                    record(p, s, v, extra)
+                writer.flush()
+                batch = []
+        for p, s, v, extra in _verdicts(batch, settings, engine):
+            record(p, s, v, extra)
     writer.flush()
 
     wanted = {p.id for p in plan}

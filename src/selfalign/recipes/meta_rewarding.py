@@ -1,0 +1,175 @@
+"""Meta-Rewarding Language Models (Wu et al., 2024), as a resumable run.
+
+One model plays actor, judge and meta-judge:
+
+    M1 = SFT(M0, EFT)                                # the seed model learns the judge format
+    for t = 1 .. T:
+        prompts    = self_instruct(M_t)
+        responses  = respond(M_t, K)                 # K = 7, exact duplicates removed later
+        judgments  = judge(M_t, responses, N)        # N = 5 per response, mean score
+        actor      = length-controlled pairs(rho)    # shortest of the top tier vs longest of the bottom
+        if schedule[t] trains the judge:
+            verdicts = meta_judge(M_t, both orders of every pair of a response's judgments)
+            judge    = Elo best vs worst judgment    # position-bias weighted battle matrix
+        M_{t+1}    = DPO(M_t, actor (+ judge) pairs)
+
+Files per iteration (``runs/<name>/iter_<t>/``): ``self_instruct``, ``respond``, ``judge``,
+``actor_pairs``, ``meta_judge`` (every comparison), ``judge_pairs`` (JSONL), ``model/`` and
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from selfalign.data.records import atomic_write_json, read_jsonl
+from selfalign.data.seeding import SeedData
+from selfalign.recipes.config import MetaRewardingConfig
+from selfalign.recipes.steps import (
+    SEED_KEYS,
+    GenerationModel,
+    Log,
+    RecipeResult,
+    dpo_step,
+    judge_step,
+    respond_step,
+    seed_model,
+    self_instruct_step,
+    train_summary,
+)
+from selfalign.run import Run
+from selfalign.stages.judge import aggregate, judge_stats
+from selfalign.stages.length_control import make_actor_pairs
+from selfalign.stages.meta_judge import MetaJudgeSettings, run_meta_judge
+from selfalign.stages.pairs import Scored
+
+ITER_KEYS = ["self_instruct", "respond", "judge", "length_control", "meta_judge", "schedule", "dpo"]
+
+
+def run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
+    log = Log(quiet=not show_progress)
+    run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
+    log(f"run directory: {run.root}")
+    seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, EFT)
+    iterations = []
+    for t in range(1, cfg.iterations + 1):
+        next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
+        model, parent = next_model, model
+        iterations.append(metrics)
+    return RecipeResult(run.root, model, iterations)
+
+
+def iteration(
+    run: Run, cfg: MetaRewardingConfig, t: int, model: Path, parent: Path | None, seed: SeedData, log, show_progress: bool
+) -> tuple[Path, dict]:
+    """One Meta-Rewarding iteration with M_t = ``model``; returns M_{t+1} and the metrics."""
+    it = f"iter_{t}"
+    keys = SEED_KEYS + ITER_KEYS
+    train_judge = cfg.plan(t) == "actor+judge"
+    names = ["self_instruct", "respond", "judge", "actor_pairs"] + (["meta_judge", "judge_pairs"] if train_judge else [])
+    stage = {name: run.stage(f"{it}/{name}", depends_on=keys) for name in names}
+    stage["dpo"] = run.stage(f"{it}/dpo", depends_on=keys, outputs=[f"{it}/model"])
+    engine = GenerationModel(cfg, model, parent, it, log)
+    judge_pairs: list[dict] = []
+    try:
+        prompts = self_instruct_step(stage["self_instruct"], cfg, t, engine, seed, show_progress)
+        responses = respond_step(stage["respond"], cfg, t, engine, prompts, show_progress)  # the actor: K each
+        judge_step(stage["judge"], cfg, t, engine, responses, show_progress)  # the judge: N each
+        if train_judge:
+            judge_pairs = meta_judge_step(stage["meta_judge"], stage["judge_pairs"], cfg, t, engine, responses, show_progress)
+    finally:
+        engine.close()
+    actor_pairs = actor_pairs_step(stage["actor_pairs"], run, cfg, t, responses)
+    dpo_step(stage["dpo"], model, actor_pairs + judge_pairs, run.root / it / "model", cfg.dpo, log, it)
+    metrics = iteration_metrics(run, cfg, t, responses, actor_pairs, judge_pairs)
+    metrics["generation_dtype"] = engine.dtype
+    atomic_write_json(run.root / it / "metrics.json", metrics)
+    return run.root / it / "model", metrics
+
+
+def actor_pairs_step(stage, run: Run, cfg: MetaRewardingConfig, t: int, responses: list[dict]) -> list[dict]:
+    """Length-controlled actor pairs from the mean judgment scores (lengths in actor tokens)."""
+    if not stage.done:
+        rewards = aggregate(run.root / f"iter_{t}" / "judge.jsonl")
+        cands = [
+            Scored(r["id"], r["prompt_id"], tuple(r["messages"]), r["response"], r["sample_index"], rewards.get(r["id"]))
+            for r in responses
+        ]
+        lengths = {r["id"]: r["completion_tokens"] for r in responses}
+        with stage as st:
+            pairs, stats = make_actor_pairs(cands, lengths, cfg.length_control.rho, iteration=t)
+            with st.writer() as w:
+                for p in pairs:
+                    w.write(p)
+            st.finish(stats.as_dict())
+    return list(read_jsonl(stage.path()))
+
+
+def meta_judge_step(stage, pairs_stage, cfg: MetaRewardingConfig, t: int, engine, responses: list[dict], show_progress: bool) -> list[dict]:
+    """The meta-judge compares judgments in both orders; Elo picks the best and worst judgment."""
+    if not pairs_stage.done:
+        mj = cfg.meta_judge
+        settings = MetaJudgeSettings(
+            template=mj.template, judge_template=cfg.judge.template, top_k=mj.top_k, min_variance=mj.min_variance,
+            temperature=mj.temperature, top_p=mj.top_p, max_new_tokens=mj.max_new_tokens, seed=cfg.seed + 2000 + t,
+            elo_l2=mj.elo_l2, verdict=mj.verdict, max_judgment_chars=mj.max_judgment_chars, max_judgment_tokens=mj.max_judgment_tokens,
+            iteration=t,
+        )
+        judgments = list(read_jsonl(stage.path().with_name("judge.jsonl")))
+        eng = engine()
+        count = _token_counter(eng) if mj.max_judgment_tokens else None
+        with stage as st:
+            with st.writer() as w:
+                pairs, stats = run_meta_judge(eng, responses, judgments, w, settings, count_tokens=count, show_progress=show_progress)
+            st.finish(stats.as_dict())
+        with pairs_stage as st:
+            with st.writer() as w:
+                for p in pairs:
+                    w.write(p)
+            st.finish({"judge_pairs": len(pairs)})
+    return list(read_jsonl(pairs_stage.path()))
+
+
+def _token_counter(engine):
+    tok = getattr(engine, "tokenizer", None)
+    if tok is None:
+        raise ValueError("meta_judge.max_judgment_tokens needs the hf engine (a tokenizer); use max_judgment_chars")
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def iteration_metrics(run: Run, cfg: MetaRewardingConfig, t: int, responses, actor_pairs, judge_pairs) -> dict:
+    it = f"iter_{t}"
+    counts = {k: v.get("counts", {}) for k, v in run.manifest["stages"].items() if k.startswith(f"{it}/")}
+    judge = judge_stats(responses, run.root / it / "judge.jsonl").as_dict()
+    meta = counts.get(f"{it}/meta_judge", {})
+    actor = counts.get(f"{it}/actor_pairs", {})
+    lengths = [r["completion_tokens"] for r in responses]
+    si = counts.get(f"{it}/self_instruct", {})
+    return {
+        "iteration": t,
+        "schedule": cfg.plan(t),
+        "prompts_generated": si.get("candidates"),
+        "prompts_kept": si.get("kept"),
+        "prompts_rejected": si.get("rejected", {}),
+        "candidates": len(responses),
+        "mean_response_tokens": round(statistics.fmean(lengths), 1) if lengths else None,
+        "judgments": judge["judgments"],
+        "parse_failure_rate": judge["parse_failure_rate"],
+        "score_histogram": judge["score_histogram"],
+        "responses_with_score_text": judge["responses_with_score_text"],
+        "pairs": len(actor_pairs),
+        "pairs_dropped": actor.get("dropped", {}),
+        "duplicates_removed": actor.get("duplicates_removed"),
+        "mean_reward_gap": round(statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in actor_pairs), 3) if actor_pairs else None,
+        "mean_chosen_tokens": round(statistics.fmean(p["chosen_tokens"] for p in actor_pairs), 1) if actor_pairs else None,
+        "mean_rejected_tokens": round(statistics.fmean(p["rejected_tokens"] for p in actor_pairs), 1) if actor_pairs else None,
+        "judge_pairs": len(judge_pairs),
+        "judge_pairs_dropped": meta.get("dropped", {}),
+        "meta_comparisons": meta.get("comparisons"),
+        "meta_parse_failures": meta.get("parse_failures"),
+        "first_position_win_share": meta.get("first_position_win_share"),
+        "elo_spread": meta.get("elo_spread"),
+        "mean_judgment_chars": meta.get("mean_judgment_chars"),
+        **train_summary(run.root / it / "model"),
+    }
