@@ -228,3 +228,11 @@ def test_classifier_reward_scores_with_a_sequence_classification_model(tmp_path,
     with torch.inference_mode():
         direct = model(**tok([text], return_tensors="pt")).logits[0, 0].item()
     assert scores["r1"] == pytest.approx(direct, abs=1e-4)
+
+
+def test_expected_scoring_without_token_probabilities_is_a_clear_error(tmp_path):
+    from selfalign.errors import EngineError
+
+    eng = ScriptedEngine(lambda req, i: "Fine.\nScore: 4")  # a scripted engine reports no probabilities
+    with JsonlWriter(tmp_path / "j.jsonl") as w, pytest.raises(EngineError, match="judge.scoring: sampled"):
+        run_judge(LLMJudge(eng, k=1, scoring="expected"), _responses(["a"]), w, expected=1, show_progress=False)

@@ -33,6 +33,7 @@ from pathlib import Path
 from selfalign.config import config_hash
 from selfalign.data.records import JsonlWriter, record_id
 from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
+from selfalign.errors import EngineError
 from selfalign.progress import generation_progress
 from selfalign.prompts import judge_prompt, load_template
 from selfalign.stages.parsing import parse_score
@@ -138,7 +139,11 @@ class LLMJudge(Reward):
             texts = {(r.request.id, s.index): s.text for r in results for s in r.samples}
             reqs = {r.request.id: r.request for r in results}
             probes = [(reqs[k[0]].messages, _reasoning(texts[k], parsed[k]) + "Score: ") for k in keys]
-            for k, probs in zip(keys, self.engine.next_token_probs(probes, digits)):
+            try:
+                all_probs = self.engine.next_token_probs(probes, digits)
+            except NotImplementedError as e:
+                raise EngineError(f"judge.scoring 'expected' needs token probabilities: {e}; use judge.scoring: sampled") from None
+            for k, probs in zip(keys, all_probs):
                 total = sum(probs)
                 expected[k] = (sum(p * int(d) for p, d in zip(probs, digits)) / total if total > 0 else None, probs)
         for result in results:

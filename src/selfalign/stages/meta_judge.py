@@ -47,7 +47,7 @@ from scipy.special import expit
 from selfalign.config import config_hash
 from selfalign.data.records import JsonlWriter, read_jsonl, record_id
 from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
-from selfalign.errors import ConfigError
+from selfalign.errors import ConfigError, EngineError
 from selfalign.progress import generation_progress
 from selfalign.prompts import Template, _as_template, _defuse, judge_prompt, load_template, validate_template
 from selfalign.stages.judge import instruction_of
@@ -370,7 +370,11 @@ def _verdicts(batch, settings: MetaJudgeSettings, engine: Engine):
         text = text.rstrip()
         probes.append((res.request.messages, (text + "\n" if text else "") + "Winner: "))
     forced = []
-    for (p, s, v, _), probs in zip(out, engine.next_token_probs(probes, ["A", "B"])):
+    try:
+        all_probs = engine.next_token_probs(probes, ["A", "B"])
+    except NotImplementedError as e:
+        raise EngineError(f"meta_judge.verdict 'forced' needs token probabilities: {e}; use meta_judge.verdict: sampled") from None
+    for (p, s, v, _), probs in zip(out, all_probs):
         winner = "A" if probs[0] >= probs[1] else "B"
         extra = {"sampled_winner": v.winner, "sampled_parse_error": v.error, "verdict_probs": [round(x, 5) for x in probs]}
         forced.append((p, s, ParsedVerdict(winner, None), extra))
