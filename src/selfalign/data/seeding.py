@@ -15,10 +15,10 @@ on both sides of the split.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfalign.data.prompts import ChatMessage
 from selfalign.data.oasst import build_ift, load_oasst, split_train_heldout
 from selfalign.data.records import load_jsonl, record_id
 from selfalign.data.seed import load_seed_eft, load_seed_ift
@@ -26,16 +26,10 @@ from selfalign.errors import DataError
 from selfalign.prompts import judge_prompt
 
 
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
 class IFTRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
-    messages: list[_Msg] = Field(min_length=2)
+    messages: list[ChatMessage] = Field(min_length=2)
 
 
 class EFTRecord(BaseModel):

@@ -29,6 +29,7 @@ from selfalign.recipes.config import MetaRewardingConfig
 from selfalign.recipes.steps import (
     SEED_KEYS,
     GenerationModel,
+    common_metrics,
     Log,
     RecipeResult,
     dpo_step,
@@ -36,10 +37,9 @@ from selfalign.recipes.steps import (
     respond_step,
     seed_model,
     self_instruct_step,
-    train_summary,
 )
 from selfalign.run import Run
-from selfalign.stages.judge import aggregate, judge_stats
+from selfalign.stages.judge import aggregate
 from selfalign.stages.length_control import make_actor_pairs
 from selfalign.stages.meta_judge import MetaJudgeSettings, run_meta_judge
 from selfalign.stages.pairs import Scored
@@ -139,29 +139,14 @@ def _token_counter(engine):
 
 
 def iteration_metrics(run: Run, cfg: MetaRewardingConfig, t: int, responses, actor_pairs, judge_pairs) -> dict:
-    it = f"iter_{t}"
-    counts = {k: v.get("counts", {}) for k, v in run.manifest["stages"].items() if k.startswith(f"{it}/")}
-    judge = judge_stats(responses, run.root / it / "judge.jsonl").as_dict()
-    meta = counts.get(f"{it}/meta_judge", {})
-    actor = counts.get(f"{it}/actor_pairs", {})
-    lengths = [r["completion_tokens"] for r in responses]
-    si = counts.get(f"{it}/self_instruct", {})
+    counts = {k: v.get("counts", {}) for k, v in run.manifest["stages"].items() if k.startswith(f"iter_{t}/")}
+    meta = counts.get(f"iter_{t}/meta_judge", {})
+    actor = counts.get(f"iter_{t}/actor_pairs", {})
     return {
-        "iteration": t,
+        **common_metrics(run, t, responses, actor_pairs),
         "schedule": cfg.plan(t),
-        "prompts_generated": si.get("candidates"),
-        "prompts_kept": si.get("kept"),
-        "prompts_rejected": si.get("rejected", {}),
-        "candidates": len(responses),
-        "mean_response_tokens": round(statistics.fmean(lengths), 1) if lengths else None,
-        "judgments": judge["judgments"],
-        "parse_failure_rate": judge["parse_failure_rate"],
-        "score_histogram": judge["score_histogram"],
-        "responses_with_score_text": judge["responses_with_score_text"],
-        "pairs": len(actor_pairs),
         "pairs_dropped": actor.get("dropped", {}),
         "duplicates_removed": actor.get("duplicates_removed"),
-        "mean_reward_gap": round(statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in actor_pairs), 3) if actor_pairs else None,
         "mean_chosen_tokens": round(statistics.fmean(p["chosen_tokens"] for p in actor_pairs), 1) if actor_pairs else None,
         "mean_rejected_tokens": round(statistics.fmean(p["rejected_tokens"] for p in actor_pairs), 1) if actor_pairs else None,
         "judge_pairs": len(judge_pairs),
@@ -171,5 +156,4 @@ def iteration_metrics(run: Run, cfg: MetaRewardingConfig, t: int, responses, act
         "first_position_win_share": meta.get("first_position_win_share"),
         "elo_spread": meta.get("elo_spread"),
         "mean_judgment_chars": meta.get("mean_judgment_chars"),
-        **train_summary(run.root / it / "model"),
     }

@@ -17,7 +17,6 @@ same config resumes where it stopped.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from selfalign.data.records import atomic_write_json, read_jsonl
@@ -26,6 +25,7 @@ from selfalign.recipes.config import SelfRewardingConfig
 from selfalign.recipes.steps import (
     SEED_KEYS,
     GenerationModel,
+    common_metrics,
     Log,
     RecipeResult,
     dpo_step,
@@ -33,11 +33,10 @@ from selfalign.recipes.steps import (
     respond_step,
     seed_model,
     self_instruct_step,
-    train_summary,
     write_all,
 )
 from selfalign.run import Run
-from selfalign.stages.judge import aggregate, judge_stats
+from selfalign.stages.judge import aggregate
 from selfalign.stages.pairs import Scored, make_pairs
 
 ITER_KEYS = ["self_instruct", "respond", "judge", "pairs", "dpo"]
@@ -103,25 +102,5 @@ def pairs_step(stage, run: Run, cfg: SelfRewardingConfig, t: int, responses: lis
 
 
 def iteration_metrics(run: Run, t: int, responses: list[dict], pairs: list[dict]) -> dict:
-    it = f"iter_{t}"
-    counts = {name: run.manifest["stages"].get(f"{it}/{name}", {}).get("counts", {}) for name in
-              ("self_instruct", "respond", "judge", "pairs", "dpo")}
-    judge = judge_stats(responses, run.root / it / "judge.jsonl").as_dict()
-    lengths = [r["completion_tokens"] for r in responses]
-    train = train_summary(run.root / it / "model")
-    return {
-        "iteration": t,
-        "prompts_generated": counts["self_instruct"].get("candidates"),
-        "prompts_kept": counts["self_instruct"].get("kept"),
-        "prompts_rejected": counts["self_instruct"].get("rejected", {}),
-        "candidates": len(responses),
-        "mean_response_tokens": round(statistics.fmean(lengths), 1) if lengths else None,
-        "judgments": judge["judgments"],
-        "parse_failure_rate": judge["parse_failure_rate"],
-        "score_histogram": judge["score_histogram"],
-        "responses_with_score_text": judge["responses_with_score_text"],
-        "pairs": len(pairs),
-        "pairs_dropped": counts["pairs"].get("dropped", {}),
-        "mean_reward_gap": round(statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in pairs), 3) if pairs else None,
-        **train,
-    }
+    dropped = run.manifest["stages"].get(f"iter_{t}/pairs", {}).get("counts", {}).get("dropped", {})
+    return {**common_metrics(run, t, responses, pairs), "pairs_dropped": dropped}

@@ -252,6 +252,34 @@ def _bf16():
     return torch.bfloat16
 
 
+def common_metrics(run: Run, t: int, responses: list[dict], pairs: list[dict]) -> dict:
+    """The metrics every recipe reports for iteration ``t``: prompts, candidates, judging, actor pairs."""
+    import statistics
+
+    from selfalign.stages.judge import judge_stats
+
+    it = f"iter_{t}"
+    stages = run.manifest["stages"]
+    si = stages.get(f"{it}/self_instruct", {}).get("counts", {})
+    judge = judge_stats(responses, run.root / it / "judge.jsonl").as_dict()
+    lengths = [r["completion_tokens"] for r in responses]
+    return {
+        "iteration": t,
+        "prompts_generated": si.get("candidates"),
+        "prompts_kept": si.get("kept"),
+        "prompts_rejected": si.get("rejected", {}),
+        "candidates": len(responses),
+        "mean_response_tokens": round(statistics.fmean(lengths), 1) if lengths else None,
+        "judgments": judge["judgments"],
+        "parse_failure_rate": judge["parse_failure_rate"],
+        "score_histogram": judge["score_histogram"],
+        "responses_with_score_text": judge["responses_with_score_text"],
+        "pairs": len(pairs),
+        "mean_reward_gap": round(statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in pairs), 3) if pairs else None,
+        **train_summary(run.root / it / "model"),
+    }
+
+
 def train_summary(model_dir: Path) -> dict:
     import json
 
