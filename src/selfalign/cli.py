@@ -164,6 +164,9 @@ def run(
         if recipe == "meta_rewarding":
             from selfalign.recipes.config import MetaRewardingConfig as Config
             from selfalign.recipes.meta_rewarding import run_meta_rewarding as runner
+        elif recipe == "humpback":
+            from selfalign.recipes.humpback import run_humpback as runner
+            from selfalign.recipes.humpback_config import HumpbackConfig as Config
         else:
             from selfalign.recipes.config import SelfRewardingConfig as Config
             from selfalign.recipes.self_rewarding import run_self_rewarding as runner
@@ -172,8 +175,8 @@ def run(
     except SelfAlignError as e:
         _fail(e)
         return
-    title = "Meta-Rewarding iterations" if recipe == "meta_rewarding" else "Self-Rewarding iterations"
-    console.print(iteration_table(result.iterations, title=title))
+    titles = {"meta_rewarding": "Meta-Rewarding iterations", "humpback": "Instruction Backtranslation rounds"}
+    console.print(iteration_table(result.iterations, title=titles.get(recipe, "Self-Rewarding iterations"), recipe=recipe))
     console.print(f"run: {result.run_dir}  final model: {result.final_model}  wall time: {time.monotonic() - t0:.0f}s")
 
 

@@ -155,7 +155,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
-RECIPES = ("self_rewarding", "meta_rewarding")
+RECIPES = ("self_rewarding", "meta_rewarding", "humpback")
 
 
 def recipe_name(path: str | Path, overrides: list[str] | None = None) -> str:

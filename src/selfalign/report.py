@@ -47,13 +47,35 @@ META_ROWS = [
 ]
 
 
-def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterations") -> Table:
+# Instruction Backtranslation: one column per curation round
+HUMPBACK_ROWS = [
+    ("corpus segments kept / documents", lambda m: f"{_fmt(m.get('corpus_segments_kept'))} / {_fmt(m.get('corpus_documents'))}"),
+    ("corpus segments dropped", "corpus_dropped"),
+    ("instructions generated", "instructions_generated"),
+    ("instructions dropped", "instructions_dropped"),
+    ("pairs rated", "pairs_rated"),
+    ("rating parse failure rate", "rating_parse_failure_rate"),
+    ("rating histogram (1-5)", "curation_score_histogram"),
+    ("mean rating", "mean_rating"),
+    ("curated set size by k", "curated_by_k"),
+    ("curated (k = threshold)", lambda m: f"{_fmt(m.get('curated'))} (k = {_fmt(m.get('curation_threshold'))})"),
+    ("instruction / output words (curated)", lambda m: f"{_fmt(m.get('mean_instruction_words'))} / {_fmt(m.get('mean_output_words'))}"),
+    ("instruction / output words (all)", lambda m: f"{_fmt(m.get('all_mean_instruction_words'))} / {_fmt(m.get('all_mean_output_words'))}"),
+    ("SFT examples", "sft_examples"),
+    ("SFT loss first / last", lambda m: f"{_fmt(m.get('sft_loss_first'))} / {_fmt(m.get('sft_loss_last'))}"),
+]
+
+
+def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterations", recipe: str | None = None) -> Table:
     """One column per iteration, one row per metric (fits a narrow terminal)."""
     table = Table(title=title)
     table.add_column("metric", style="bold")
     for m in iterations:
-        table.add_column(f"iter {m['iteration']}", overflow="fold")
-    rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
+        table.add_column(f"{'round' if recipe == 'humpback' else 'iter'} {m['iteration']}", overflow="fold")
+    if recipe == "humpback":
+        rows = HUMPBACK_ROWS
+    else:
+        rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
     for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])
     return table

@@ -24,6 +24,8 @@ Built-in templates and their variables
 --------------------------------------
 ``judge``         ``instruction`` (str), ``response`` (str); completion ends ``Score: <0-5>``.
 ``self_instruct`` ``examples`` (list of str); completion is one new request (see the file).
+``backtranslate`` ``output`` (str); completion is the request the text answers (Humpback).
+``curate``        ``instruction``, ``response``; completion ends ``Score: <1-5>`` (Humpback).
 
 Rendering helpers for the built-ins: :func:`judge_prompt` and :func:`self_instruct_prompt`.
 Their outputs are prompts only; parsing the model's reply lives in
@@ -54,11 +56,13 @@ __all__ = [
     "validate_template",
     "judge_prompt",
     "self_instruct_prompt",
+    "backtranslate_prompt",
 ]
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
 JUDGE_VARIABLES = frozenset({"instruction", "response"})
 SELF_INSTRUCT_VARIABLES = frozenset({"examples"})
+BACKTRANSLATE_VARIABLES = frozenset({"output"})
 
 _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
@@ -186,7 +190,7 @@ def _as_template(template: Template | str | os.PathLike[str]) -> Template:
 # that contains the tags itself could pretend to close its block and write text that looks
 # like it comes from outside; such tags are defused (angle brackets swapped for look-alike
 # single guillemets) before rendering, so the only real fences are the template's own.
-_FENCE_TAG = re.compile(r"<(\s*/?\s*)(question|response)(\s*)>", re.IGNORECASE)
+_FENCE_TAG = re.compile(r"<(\s*/?\s*)(question|response|text)(\s*)>", re.IGNORECASE)
 
 
 def _defuse(text: str) -> str:
@@ -218,3 +222,14 @@ def self_instruct_prompt(template: Template | str | os.PathLike[str], examples: 
     tpl = _as_template(template)
     validate_template(tpl, SELF_INSTRUCT_VARIABLES, SELF_INSTRUCT_VARIABLES)
     return tpl.render(examples=[str(e).strip() for e in examples])
+
+
+def backtranslate_prompt(template: Template | str | os.PathLike[str], output: str) -> str:
+    """The backward model's prompt for one text: "which request does this text answer?".
+
+    Used both to build the backward model's training data (seed answer in the prompt, seed
+    instruction as the completion) and to ask it for instructions for unlabeled segments.
+    """
+    tpl = _as_template(template)
+    validate_template(tpl, BACKTRANSLATE_VARIABLES, BACKTRANSLATE_VARIABLES)
+    return tpl.render(output=_defuse(str(output).strip()))

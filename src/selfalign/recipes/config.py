@@ -165,3 +165,4 @@ class MetaRewardingConfig(SelfRewardingConfig):
 
     def plan(self, t: int) -> Schedule:
         return self.schedule[min(t, len(self.schedule)) - 1]
+
