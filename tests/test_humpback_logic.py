@@ -45,6 +45,9 @@ def test_backtranslate_prompt_defuses_fence_tags_in_the_text():
     ("**User request:** Explain tides.", "Explain tides."),
     ('"Explain tides."', "Explain tides."),
     ("Question: \u201cWhy is the sky blue?\u201d", "Why is the sky blue?"),
+    ("Q: What is a good slogan?", "What is a good slogan?"),
+    ("A: what foods do you eat in miramar?", "what foods do you eat in miramar?"),
+    ("Quick: name a colour", "Quick: name a colour"),
     ("   ", None),
     ("Request:", None),
 ])

@@ -30,9 +30,9 @@ from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
 from selfalign.progress import generation_progress
 from selfalign.prompts import backtranslate_prompt, load_template
 
-# labels a model may put before the request ("Instruction: ...", "**User request:** ...")
+# labels a model may put before the request ("Instruction: ...", "**User request:** ...", "Q: ...")
 _LABEL = re.compile(
-    r"^\s*(?:\*\*|__)?\s*(?:the\s+)?(?:user(?:'s)?\s+)?(?:instruction|request|question|prompt|query|task)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*",
+    r"^\s*(?:\*\*|__)?\s*(?:(?:the\s+)?(?:user(?:'s)?\s+)?(?:instruction|request|question|prompt|query|task)|q|a)\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*",
     re.IGNORECASE,
 )
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
