@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import shared_file
 from selfalign.config import load_config
 from selfalign.data.records import is_done, read_jsonl
 from selfalign.errors import RunError
@@ -103,3 +104,26 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
     # a change that would invalidate finished stages is refused, naming the key
     with pytest.raises(RunError, match="respond.temperature"):
         run_self_rewarding(_cfg(tmp_path, "respond.temperature=0.9"), show_progress=False)
+
+    # evaluations asked for afterwards run on the finished run and redo nothing else
+    prompts = shared_file("oasst/oasst_prompt_lottery_en_250.jsonl")
+    evals = [
+        "eval.judge.enabled=true", "eval.judge.k=1", "eval.judge.max_new_tokens=16",
+        "eval.winrate.enabled=true", f"eval.winrate.prompts={prompts}", "eval.winrate.limit=2",
+        "eval.winrate.max_new_tokens=12", "eval.winrate.verdict=forced", "eval.winrate.judge_max_new_tokens=8",
+    ]
+    evaluated = run_self_rewarding(_cfg(tmp_path, *evals), show_progress=False)
+    assert (run_dir / "iter_2" / "pairs.jsonl").read_bytes() == before
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    for t, m in zip((1, 2), evaluated.iterations):
+        it = run_dir / f"iter_{t}"
+        assert stages[f"iter_{t}/eval_judge"]["status"] == stages[f"iter_{t}/eval_winrate"]["status"] == "done"
+        judge_eval = json.loads((it / "eval_judge.json").read_text())
+        assert judge_eval["kind"] == "judge_agreement" and judge_eval["items"] >= 1
+        assert m["heldout_judge_accuracy"] == judge_eval["metrics"]["pairwise_accuracy"]
+        wr = json.loads((it / "eval_winrate.json").read_text())
+        assert wr["kind"] == "winrate" and wr["n"] == 2 and wr["wins"] + wr["ties"] + wr["losses"] == 2
+        assert wr["a"] == f"iter_{t}/model" and wr["b"] == ("sft/model" if t == 1 else "iter_1/model")
+        assert m["win_rate_vs_previous"] == wr["win_rate"]
+    # each model's outputs are generated once: iter_1/model is side A in iteration 1 and side B in iteration 2
+    assert sorted(p.name for p in (run_dir / "eval_outputs").glob("*.jsonl")) == ["iter_1_model.jsonl", "iter_2_model.jsonl", "sft_model.jsonl"]

@@ -103,6 +103,37 @@ class PairsConfig(StrictModel):
     perfect_score: float = 5.0
 
 
+class JudgeEvalHook(StrictModel):
+    """After each iteration: the new model's judging against the held-out EFT split's reference ranking."""
+
+    enabled: bool = False
+    k: int = Field(3, ge=1, description="judgments per reply, averaged")
+    scoring: Literal["sampled", "expected"] | None = Field(None, description="default: judge.scoring")
+    max_new_tokens: int | None = Field(None, ge=8, description="default: judge.max_new_tokens")
+
+
+class WinrateHook(StrictModel):
+    """After each iteration: M_{t+1} against M_t on held-out prompts, judged in both orders by a fixed judge."""
+
+    enabled: bool = False
+    prompts: str = Field("../shared/data/oasst/oasst_prompt_lottery_en_250.jsonl", description="prompt file (JSONL/JSON) not used for training")
+    limit: int | None = Field(32, ge=1, description="first N prompts")
+    system_prompt: str | None = None
+    max_new_tokens: int = Field(256, ge=1, description="response length of both models")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    judge_model: str | None = Field(None, description="model spec of the judge; default: the run's base model (model.spec)")
+    template: str = Field("pairwise", description="built-in name or a pairwise template file")
+    verdict: Literal["sampled", "forced"] = Field("sampled", description="forced: P('A') vs P('B') after 'Winner: ' (hf engine)")
+    judge_max_new_tokens: int = Field(192, ge=0, description="the judge's reasoning before its verdict (0 only with forced)")
+    judge_temperature: float = Field(0.0, ge=0.0)
+
+
+class EvalHooks(StrictModel):
+    judge: JudgeEvalHook = Field(default_factory=JudgeEvalHook)
+    winrate: WinrateHook = Field(default_factory=WinrateHook)
+
+
 class SelfRewardingConfig(StrictModel):
     recipe: Literal["self_rewarding"] = "self_rewarding"
     name: str = "self_rewarding"
@@ -118,6 +149,7 @@ class SelfRewardingConfig(StrictModel):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    eval: EvalHooks = Field(default_factory=EvalHooks, description="evaluations after each iteration (stored in the run, shown in the report)")
 
 
 # ----------------------------------------------------------------------------- Meta-Rewarding

@@ -25,7 +25,7 @@ from selfalign.data.records import atomic_write_json, read_jsonl
 from selfalign.data.seeding import load_seed_data
 from selfalign.models import resolve_model
 from selfalign.recipes.humpback_config import HumpbackConfig
-from selfalign.recipes.steps import GenerationModel, Log, RecipeResult
+from selfalign.recipes.steps import GenerationModel, Log, RecipeResult, final_report
 from selfalign.run import Run
 from selfalign.stages.backtranslate import AugmentSettings, reversed_examples, run_augment
 from selfalign.stages.curate import as_responses, curated_examples, curation_metrics, ratings, tag
@@ -60,6 +60,7 @@ def run_humpback(cfg: HumpbackConfig, *, restart_from: str | None = None, show_p
         "model": str(model), "system_prompt": cfg.tagging.seed_system if cfg.tagging.enabled else None,
         "note": "prompt the final model with this system prompt (the tag its seed examples were trained with)",
     })
+    final_report(run, log)
     return RecipeResult(run.root, model, iterations)
 
 

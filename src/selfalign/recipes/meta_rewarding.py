@@ -26,7 +26,9 @@ from pathlib import Path
 from selfalign.data.records import atomic_write_json, read_jsonl
 from selfalign.data.seeding import SeedData
 from selfalign.recipes.config import MetaRewardingConfig
+from selfalign.recipes.evals import run_iteration_evals
 from selfalign.recipes.steps import (
+    final_report,
     SEED_KEYS,
     GenerationModel,
     common_metrics,
@@ -57,6 +59,7 @@ def run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = N
         next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
         model, parent = next_model, model
         iterations.append(metrics)
+    final_report(run, log)
     return RecipeResult(run.root, model, iterations)
 
 
@@ -83,6 +86,7 @@ def iteration(
     actor_pairs = actor_pairs_step(stage["actor_pairs"], run, cfg, t, responses)
     dpo_step(stage["dpo"], model, actor_pairs + judge_pairs, run.root / it / "model", cfg.dpo, log, it)
     metrics = iteration_metrics(run, cfg, t, responses, actor_pairs, judge_pairs)
+    metrics.update(run_iteration_evals(run, cfg, t, keys, run.root / it / "model", model, seed.eft_heldout, log, show_progress))
     metrics["generation_dtype"] = engine.dtype
     atomic_write_json(run.root / it / "metrics.json", metrics)
     return run.root / it / "model", metrics

@@ -22,7 +22,9 @@ from pathlib import Path
 from selfalign.data.records import atomic_write_json, read_jsonl
 from selfalign.data.seeding import SeedData
 from selfalign.recipes.config import SelfRewardingConfig
+from selfalign.recipes.evals import run_iteration_evals
 from selfalign.recipes.steps import (
+    final_report,
     SEED_KEYS,
     GenerationModel,
     common_metrics,
@@ -52,6 +54,7 @@ def run_self_rewarding(cfg: SelfRewardingConfig, *, restart_from: str | None = N
         next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
         model, parent = next_model, model
         iterations.append(metrics)
+    final_report(run, log)
     return RecipeResult(run.root, model, iterations)
 
 
@@ -74,6 +77,7 @@ def iteration(
     pairs = pairs_step(stage["pairs"], run, cfg, t, responses)  # (4) best vs worst, ties dropped
     dpo_step(stage["dpo"], model, pairs, next_model, cfg.dpo, log, it)  # (5) M_{t+1} = DPO(M_t)
     metrics = iteration_metrics(run, t, responses, pairs)
+    metrics.update(run_iteration_evals(run, cfg, t, keys, next_model, model, seed.eft_heldout, log, show_progress))
     metrics["generation_dtype"] = engine.dtype
     metrics["weights_changed_at_bf16"] = None if engine.changed is None else round(engine.changed, 4)
     atomic_write_json(run.root / it / "metrics.json", metrics)

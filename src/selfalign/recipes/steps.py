@@ -301,3 +301,17 @@ def _with_system(messages: list[dict], system: str | None) -> tuple[dict, ...]:
     if system and messages and messages[0]["role"] != "system":
         return ({"role": "system", "content": system}, *messages)
     return tuple(messages)
+
+
+def final_report(run: Run, log) -> Path | None:
+    """``runs/<name>/report/index.html`` at the end of a run; a failure to draw it is logged,
+    never fatal (the run's results are already on disk; ``selfalign report`` can retry)."""
+    from selfalign.eval.report import write_report
+
+    try:
+        path = write_report(run.root)
+    except Exception as e:  # noqa: BLE001 - the report is a view of results that are already saved
+        log(f"could not write the run report ({type(e).__name__}: {e}); retry with: selfalign report {run.root}")
+        return None
+    log(f"report: {path}")
+    return path

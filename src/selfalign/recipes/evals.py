@@ -1,0 +1,143 @@
+"""Evaluation hooks a run can ask for after each iteration (the ``eval`` config section).
+
+- ``eval.judge``: the judge skill of M_{t+1} (the model iteration t trained) on the run's
+  held-out EFT split, the metrics of ``selfalign eval judge`` (pairwise accuracy against the
+  reference ranking, ties, Spearman/Kendall, parse failures, random and longer-wins baselines).
+- ``eval.winrate``: M_{t+1} against M_t on a prompt set none of the iterations trained on,
+  judged in both orders by a fixed judge (by default the base model, which no iteration changes),
+  as ``selfalign eval winrate`` reports it.
+
+Each is a stage of the run (``iter_<t>/eval_judge``, ``iter_<t>/eval_winrate``), so a finished
+evaluation is never redone; results land in ``iter_<t>/eval_judge.json`` and
+``iter_<t>/eval_winrate.json`` (read by ``selfalign report``), with the judgments and outputs
+under ``iter_<t>/eval_judge/``, ``iter_<t>/eval_winrate/`` and ``eval_outputs/<model>.jsonl``
+(one file per model, shared by the two comparisons a model takes part in).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfalign.config import ModelConfig
+from selfalign.data.records import atomic_write_json
+from selfalign.run import Run
+
+EVAL_KEYS = ["eval"]
+
+
+def run_iteration_evals(run: Run, cfg, t: int, keys: list[str], new_model: Path, model: Path, eft_heldout: list[dict],
+                        log, show_progress: bool) -> dict:
+    """The evaluations ``cfg.eval`` asks for after iteration ``t`` (M_t = ``model``, M_{t+1} =
+    ``new_model``); returns the headline figures for the iteration's metrics."""
+    out: dict = {}
+    e = cfg.eval
+    if e.judge.enabled:
+        out.update(_judge_eval(run, cfg, t, keys + EVAL_KEYS, new_model, model, eft_heldout, log, show_progress))
+    if e.winrate.enabled:
+        out.update(_winrate_eval(run, cfg, t, keys + EVAL_KEYS, new_model, model, log, show_progress))
+    return out
+
+
+def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_progress) -> dict:
+    from selfalign.eval.judge_agreement import evaluate_judge, items_from_eft
+    from selfalign.recipes.steps import GenerationModel
+
+    it = f"iter_{t}"
+    stage = run.stage(f"{it}/eval_judge", depends_on=keys, outputs=[f"{it}/eval_judge.json"])
+    if not stage.done:
+        items = items_from_eft(eft_heldout, where="held-out EFT split")
+        if not items:
+            log(f"[{it}] eval.judge: the held-out EFT split has no ranked items (seed_data.eft_heldout_fraction, "
+                f"or EFT without scores/ranks); skipped")
+            return {}
+        j, hook = cfg.judge, cfg.eval.judge
+        engine = GenerationModel(cfg, new_model, model, f"{it} eval judge", log)
+        try:
+            with stage as st:
+                summary = evaluate_judge(
+                    engine(), items, out_dir=run.root / it / "eval_judge", template=j.template, k=hook.k,
+                    scoring=hook.scoring or j.scoring, temperature=j.temperature, top_p=j.top_p,
+                    max_new_tokens=hook.max_new_tokens or j.max_new_tokens, seed=cfg.seed + 3000 + t,
+                    show_progress=show_progress, data="held-out EFT split", model=f"{it}/model",
+                )
+                atomic_write_json(st.run.root / it / "eval_judge.json", summary)
+                st.finish({"items": summary.get("items"), **_flat(summary["metrics"], ("pairwise_accuracy", "tie_rate"))})
+        finally:
+            engine.close()
+    import json
+
+    summary = json.loads((run.root / it / "eval_judge.json").read_text())
+    m = summary["metrics"]
+    return {"heldout_judge_accuracy": m.get("pairwise_accuracy"), "heldout_judge_tie_rate": m.get("tie_rate"),
+            "heldout_judge_items": summary.get("items")}
+
+
+def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> dict:
+    from selfalign.data.prompts import load_prompts
+    from selfalign.engines import create_engine
+    from selfalign.eval.winrate import generate_outputs, winrate
+    from selfalign.models import resolve_model
+    from selfalign.recipes.steps import GenerationModel
+
+    it = f"iter_{t}"
+    stage = run.stage(f"{it}/eval_winrate", depends_on=keys, outputs=[f"{it}/eval_winrate.json"])
+    w = cfg.eval.winrate
+    if not stage.done:
+        prompts = load_prompts(w.prompts, system=w.system_prompt, limit=w.limit)
+        with stage as st:
+            outputs = {}
+            for label, m, parent in ((f"{it}/model", new_model, model), (_label(run, model), model, None)):
+                path = run.root / "eval_outputs" / (label.replace("/", "_") + ".jsonl")
+                engine = GenerationModel(cfg, m, parent if parent is not None else _parent_of(run, m), f"{it} eval winrate", log)
+                try:
+                    outputs[label] = generate_outputs(
+                        engine(), prompts, path, max_new_tokens=w.max_new_tokens, temperature=w.temperature,
+                        top_p=w.top_p, seed=cfg.seed + 4000, label=label, show_progress=show_progress,
+                    )
+                finally:
+                    engine.close()
+            judge_spec = w.judge_model or cfg.model.spec
+            judge_dir = resolve_model(judge_spec, dtype=cfg.model.dtype)
+            with create_engine(ModelConfig(spec=str(judge_dir), dtype=cfg.model.dtype), cfg.engine) as judge:
+                a_label, b_label = list(outputs)
+                summary = winrate(
+                    prompts, outputs[a_label], outputs[b_label], judge, template=w.template, verdict=w.verdict,
+                    max_new_tokens=w.judge_max_new_tokens, temperature=w.judge_temperature, seed=cfg.seed + 5000 + t,
+                    out_dir=run.root / it / "eval_winrate", show_progress=show_progress, prompts_label=w.prompts,
+                    judge_label=judge_spec,
+                )
+            atomic_write_json(run.root / it / "eval_winrate.json", summary)
+            st.finish({k: summary.get(k) for k in ("n", "wins", "ties", "losses", "win_rate")})
+            log(f"[{it}] win rate of {a_label} over {b_label}: {summary.get('win_rate')} {summary.get('ci95')} "
+                f"(wins {summary.get('wins')}, ties {summary.get('ties')}, losses {summary.get('losses')})")
+    import json
+
+    s = json.loads((run.root / it / "eval_winrate.json").read_text())
+    return {"win_rate_vs_previous": s.get("win_rate"), "win_rate_ci95": s.get("ci95"),
+            "win_tie_loss_vs_previous": f"{s.get('wins')}/{s.get('ties')}/{s.get('losses')}"}
+
+
+def _label(run: Run, model: Path) -> str:
+    try:
+        return str(Path(model).relative_to(run.root))
+    except ValueError:
+        return "base"
+
+
+def _parent_of(run: Run, model: Path) -> Path | None:
+    """The model M_t was trained from, for the dtype rule (None for the base model)."""
+    rel = _label(run, model)
+    if rel == "base":
+        return None
+    if rel.startswith("iter_"):
+        t = int(rel.split("/")[0][5:])
+        prev = run.root / (f"iter_{t - 1}" if t > 1 else "sft") / "model"
+        if prev.is_dir():
+            return prev
+    from selfalign.models import resolve_model
+
+    return resolve_model(run.config["model"]["spec"], dtype=run.config["model"]["dtype"])
+
+
+def _flat(d: dict, keys) -> dict:
+    return {k: d.get(k) for k in keys}
