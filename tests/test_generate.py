@@ -57,6 +57,20 @@ def test_stage_writes_one_record_per_sample_and_marks_done(tiny, tmp_path):
     assert again.already_done and out.read_bytes() == before
 
 
+def test_a_finished_file_is_extended_when_asked_for_more_prompts(tiny, tmp_path):
+    path = _write_prompts(tmp_path / "p.jsonl", 4)
+    gen = GenerationConfig(n=1, max_new_tokens=4, seed=1)
+    out = tmp_path / "out.jsonl"
+    run_generate(tiny, load_prompts(path, limit=2), out, gen, show_progress=False)
+    before = out.read_bytes()
+    more = run_generate(tiny, load_prompts(path), out, gen, show_progress=False)
+    assert not more.already_done and more.written_now == 2 and more.skipped_existing == 2
+    assert out.read_bytes().startswith(before) and len(_records(out)) == 4 and is_done(out)
+    # asking for fewer prompts than the file holds: they are all there, nothing to generate
+    fewer = run_generate(tiny, load_prompts(path, limit=3), out, gen, show_progress=False)
+    assert fewer.written_now == 0 and fewer.responses == 3
+
+
 def test_rerun_fills_only_the_missing_records(tiny, tmp_path):
     prompts = load_prompts(_write_prompts(tmp_path / "p.jsonl", 6))
     gen = GenerationConfig(n=2, max_new_tokens=5, seed=1)

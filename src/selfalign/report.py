@@ -47,6 +47,18 @@ META_ROWS = [
 ]
 
 
+# the evaluations a run config asks for after each iteration (shown when present)
+EVAL_ROWS = [
+    ("held-out judge accuracy (ties)", lambda m: f"{_fmt(m.get('heldout_judge_accuracy'))} ({_fmt(m.get('heldout_judge_tie_rate'))})"),
+    ("win rate vs previous [95% CI]", lambda m: f"{_fmt(m.get('win_rate_vs_previous'))} {_fmt_ci(m.get('win_rate_ci95'))}"),
+    ("wins / ties / losses vs previous", "win_tie_loss_vs_previous"),
+]
+
+
+def _fmt_ci(ci) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "-"
+
+
 # Instruction Backtranslation: one column per curation round
 HUMPBACK_ROWS = [
     ("corpus segments kept / documents", lambda m: f"{_fmt(m.get('corpus_segments_kept'))} / {_fmt(m.get('corpus_documents'))}"),
@@ -76,6 +88,8 @@ def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterati
         rows = HUMPBACK_ROWS
     else:
         rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
+        rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy", "win_rate_vs_previous", "win_tie_loss_vs_previous"))
+                 if any(key in m for m in iterations)]
     for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])
     return table

@@ -80,9 +80,10 @@ def run_generate(
     params = sampling_params(gen)
     total = len(prompts) * gen.n
     t0 = time.monotonic()
+    phash = config_hash([p.id for p in prompts])
     if is_done(out_path):
         done = read_done(out_path) or {}
-        if done.get("settings_hash") == shash:
+        if done.get("settings_hash") == shash and done.get("prompts_hash") == phash:
             return GenerateResult(out_path, len(prompts), done.get("records", total), 0, done.get("records", total), 0, 0, 0.0, True)
 
     with JsonlWriter(out_path, batch_size=batch_size, fingerprint=fingerprint) as writer:
@@ -124,8 +125,8 @@ def run_generate(
                 written += new
                 bar.advance(new, sum(s.completion_tokens for s in result.samples))
         seconds = time.monotonic() - t0
-        count = writer.count
+        count = sum(1 for p in prompts for i in range(gen.n) if response_id(p.id, i, gen.seed, shash) in writer)
         if count != total:  # cannot happen unless the engine dropped a request; never mark it done
             raise RuntimeError(f"{out_path}: expected {total} responses, found {count}; rerun to complete")
-        writer.mark_done({"settings_hash": shash, "prompts": len(prompts), "errors_this_pass": errors})
+        writer.mark_done({"settings_hash": shash, "prompts_hash": phash, "prompts": len(prompts), "errors_this_pass": errors})
     return GenerateResult(out_path, len(prompts), count, written, existing, tokens, errors, seconds)
