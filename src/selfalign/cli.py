@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and prepare models (the embedded default, .gguf files, local dirs, hub ids).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+eval_app = typer.Typer(help="Evaluate judges and models: agreement with human preferences, pairwise win rates.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -206,6 +208,20 @@ def models_prepare(
         _fail(e)
         return
     console.print(str(path))
+
+
+from selfalign.eval.winrate_cli import winrate as _eval_winrate  # noqa: E402
+
+eval_app.command("winrate")(_eval_winrate)
+
+from selfalign.eval.judge_cli import judge as _eval_judge  # noqa: E402
+
+eval_app.command("judge")(_eval_judge)
+
+
+from selfalign.eval.report_cli import report as _report  # noqa: E402  (imports nothing heavy)
+
+app.command("report")(_report)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias
