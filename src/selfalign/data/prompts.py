@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from selfalign.data.records import record_id
+from selfalign.data.records import read_json_list, record_id
 from selfalign.errors import DataError
 
 
@@ -115,14 +115,7 @@ def format_validation_error(e: ValidationError) -> str:
 
 def _iter_items(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json prompt file must hold a list, got {type(data).__name__}")
+        data = read_json_list(path, "prompts")
         for i, item in enumerate(data):
             yield f"{path}: item {i}", item
         return

@@ -182,6 +182,21 @@ def read_jsonl(
                 raise DataError(f"{path}:{lineno}: {_format_validation_error(e)}") from None
 
 
+def read_json_list(path: PathLike, what: str = "records") -> list:
+    """The list a ``.json`` file holds; :class:`DataError` naming the file (and the line of a
+    syntax error) when it is not UTF-8, not JSON, or not a list. A UTF-8 BOM is accepted."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of {what} (a .json file must hold a list), got {type(data).__name__}")
+    return data
+
+
 def load_jsonl(path: PathLike, schema: type[BaseModel] | None = None, *, min_records: int = 1) -> list:
     """Read and validate a whole JSONL input before any work starts (see :func:`read_jsonl`).
 

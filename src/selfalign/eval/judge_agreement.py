@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from selfalign.config import EngineConfig, ModelConfig, StrictModel
 from selfalign.data.records import (
+    read_json_list,
     JsonlWriter,
     atomic_write_json,
     atomic_write_text,
@@ -289,14 +290,7 @@ def load_items(path: str | Path, *, lang: str | Sequence[str] | None = ("en",), 
     if p.is_dir():
         raise DataError(f"{p}: is a directory, expected a data file")
     if p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
+        data = read_json_list(p, "evaluation records")
         if not data:
             raise DataError(f"{p}: no records (the list is empty)")
         first = data[0] if isinstance(data[0], dict) else {}

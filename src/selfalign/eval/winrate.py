@@ -51,6 +51,7 @@ import numpy as np
 from selfalign.config import EngineConfig, GenerationConfig, ModelConfig, config_hash
 from selfalign.data.prompts import Prompt, load_prompts
 from selfalign.data.records import (
+    read_json_list,
     JsonlWriter,
     atomic_write_json,
     done_marker_path,
@@ -317,14 +318,7 @@ def _as_outputs(x: Outputs | Sequence[str] | Mapping[str, str], prompts: Sequenc
 
 def _output_items(path: Path) -> Iterable[tuple[str, object]]:
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: an outputs .json file must hold a list of objects, got {type(data).__name__}")
+        data = read_json_list(path, "outputs")
         for i, item in enumerate(data):
             yield f"{path}: item {i}", item
         return

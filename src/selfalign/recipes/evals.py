@@ -16,6 +16,7 @@ under ``iter_<t>/eval_judge/``, ``iter_<t>/eval_winrate/`` and ``eval_outputs/<m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from selfalign.config import ModelConfig
@@ -61,11 +62,9 @@ def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_prog
                     show_progress=show_progress, data="held-out EFT split", model=f"{it}/model",
                 )
                 atomic_write_json(st.run.root / it / "eval_judge.json", summary)
-                st.finish({"items": summary.get("items"), **_flat(summary["metrics"], ("pairwise_accuracy", "tie_rate"))})
+                st.finish({"items": summary.get("items"), **{k: summary["metrics"].get(k) for k in ("pairwise_accuracy", "tie_rate")}})
         finally:
             engine.close()
-    import json
-
     summary = json.loads((run.root / it / "eval_judge.json").read_text())
     m = summary["metrics"]
     return {"heldout_judge_accuracy": m.get("pairwise_accuracy"), "heldout_judge_tie_rate": m.get("tie_rate"),
@@ -110,8 +109,6 @@ def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> di
             st.finish({k: summary.get(k) for k in ("n", "wins", "ties", "losses", "win_rate")})
             log(f"[{it}] win rate of {a_label} over {b_label}: {summary.get('win_rate')} {summary.get('ci95')} "
                 f"(wins {summary.get('wins')}, ties {summary.get('ties')}, losses {summary.get('losses')})")
-    import json
-
     s = json.loads((run.root / it / "eval_winrate.json").read_text())
     return {"win_rate_vs_previous": s.get("win_rate"), "win_rate_ci95": s.get("ci95"),
             "win_tie_loss_vs_previous": f"{s.get('wins')}/{s.get('ties')}/{s.get('losses')}"}
@@ -138,6 +135,3 @@ def _parent_of(run: Run, model: Path) -> Path | None:
 
     return resolve_model(run.config["model"]["spec"], dtype=run.config["model"]["dtype"])
 
-
-def _flat(d: dict, keys) -> dict:
-    return {k: d.get(k) for k in keys}

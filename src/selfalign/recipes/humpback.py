@@ -25,7 +25,7 @@ from selfalign.data.records import atomic_write_json, read_jsonl
 from selfalign.data.seeding import load_seed_data
 from selfalign.models import resolve_model
 from selfalign.recipes.humpback_config import HumpbackConfig
-from selfalign.recipes.steps import GenerationModel, Log, RecipeResult, final_report
+from selfalign.recipes.steps import GenerationModel, Log, RecipeResult, final_report, train_summary
 from selfalign.run import Run
 from selfalign.stages.backtranslate import AugmentSettings, reversed_examples, run_augment
 from selfalign.stages.curate import as_responses, curated_examples, curation_metrics, ratings, tag
@@ -181,16 +181,6 @@ def round_metrics(run: Run, cfg: HumpbackConfig, r: int, augmented: list[dict], 
         "instructions_dropped": aug.get("dropped", {}),
         **curation_metrics(augmented, run.root / f"iter_{r}" / "curate.jsonl", cfg.curate.k),
         "sft_examples": n_seed + n_curated,
-        **sft_summary(run.root / f"iter_{r}" / "model"),
+        **train_summary(run.root / f"iter_{r}" / "model", kind="sft"),
     }
 
-
-def sft_summary(model_dir: Path) -> dict:
-    import json
-
-    f = model_dir / "training.json"
-    if not f.is_file():
-        return {}
-    info = json.loads(f.read_text())
-    losses = [h["loss"] for h in info.get("result", info).get("history", []) if "loss" in h]
-    return {"sft_loss_first": round(losses[0], 4) if losses else None, "sft_loss_last": round(losses[-1], 4) if losses else None}

@@ -280,7 +280,9 @@ def common_metrics(run: Run, t: int, responses: list[dict], pairs: list[dict]) -
     }
 
 
-def train_summary(model_dir: Path) -> dict:
+def train_summary(model_dir: Path, kind: str = "dpo") -> dict:
+    """First and last logged loss of the training that produced ``model_dir`` as
+    ``<kind>_loss_first/last`` (plus the last reward margin for DPO); empty when untrained."""
     import json
 
     f = model_dir / "training.json"
@@ -289,12 +291,14 @@ def train_summary(model_dir: Path) -> dict:
     info = json.loads(f.read_text())
     hist = info.get("result", info).get("history", [])
     losses = [h["loss"] for h in hist if "loss" in h]
-    margins = [h["rewards/margins"] for h in hist if "rewards/margins" in h]
-    return {
-        "dpo_loss_first": round(losses[0], 4) if losses else None,
-        "dpo_loss_last": round(losses[-1], 4) if losses else None,
-        "reward_margin_last": round(margins[-1], 4) if margins else None,
+    out = {
+        f"{kind}_loss_first": round(losses[0], 4) if losses else None,
+        f"{kind}_loss_last": round(losses[-1], 4) if losses else None,
     }
+    if kind == "dpo":
+        margins = [h["rewards/margins"] for h in hist if "rewards/margins" in h]
+        out["reward_margin_last"] = round(margins[-1], 4) if margins else None
+    return out
 
 
 def _with_system(messages: list[dict], system: str | None) -> tuple[dict, ...]:
