@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -108,17 +109,66 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = _parse_scalar(raw)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+# an unknown key that looks like a credential gets its own message: keys live in the environment
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|token|password|passwd|credentials?)$", re.IGNORECASE)
+
+
+def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of every key (and list item) of a YAML document, by its path."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple[str, ...], int] = {}
+    stack: list[tuple[Any, tuple[str, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    lines[path + (str(k.value),)] = k.start_mark.line + 1
+                    stack.append((v, path + (str(k.value),)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (str(i),)] = v.start_mark.line + 1
+                stack.append((v, path + (str(i),)))
+    return lines
+
+
+def _format_validation_error(
+    err: ValidationError,
+    source: str,
+    *,
+    file: str | None = None,
+    key_lines: dict[tuple[str, ...], int] | None = None,
+    overridden: list[str] | None = None,
+) -> str:
+    """One line per problem: ``<file>:<line>: <dotted key>: <problem>`` for keys set in the
+    file, ``<key>: <problem> (from --set)`` for overrides, ``<key>: <problem>`` for defaults."""
     lines = [f"invalid configuration in {source}:"]
+    key_lines = key_lines or {}
     for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "<root>"
+        loc = tuple(str(x) for x in e["loc"])
+        key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            if _SECRET_KEY.search(loc[-1] if loc else ""):
+                msg += (
+                    "; API keys and other secrets are never read from config files (the run saves its config as "
+                    "config.yaml): put the key in an environment variable and name that variable in "
+                    "engine.api_key_env (default OPENAI_API_KEY)"
+                )
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {key}: {msg}{got_s}")
+        secret = e["type"] == "extra_forbidden"  # never echo the value of an unknown (maybe secret) key
+        got_s = "" if secret or isinstance(got, dict) else f" (got {got!r})"
+        if any(key == o or key.startswith(o + ".") for o in overridden or []):
+            lines.append(f"  {key}: {msg}{got_s} (from --set)")
+            continue
+        where = next((key_lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in key_lines), None)
+        prefix = f"{file}:{where}: " if file and where else ""
+        lines.append(f"  {prefix}{key}: {msg}{got_s}")
     return "\n".join(lines)
 
 
@@ -129,13 +179,18 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     """
     data: dict = {}
     source = "defaults"
+    text = None
     if path is not None:
         p = Path(path)
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot be read as UTF-8 text ({e})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""
@@ -152,7 +207,13 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        set_keys = [o.partition("=")[0].strip().strip(".") for o in overrides or []]
+        raise ConfigError(
+            _format_validation_error(
+                e, source, file=str(path) if path is not None else None,
+                key_lines=_yaml_key_lines(text) if text else None, overridden=set_keys,
+            )
+        ) from None
 
 
 RECIPES = ("self_rewarding", "meta_rewarding", "humpback")

@@ -71,6 +71,7 @@ HUMPBACK_ROWS = [
     ("mean rating", "mean_rating"),
     ("curated set size by k", "curated_by_k"),
     ("curated (k = threshold)", lambda m: f"{_fmt(m.get('curated'))} (k = {_fmt(m.get('curation_threshold'))})"),
+    ("outputs with score text: rated / kept", lambda m: f"{_fmt(m.get('responses_with_score_text'))} / {_fmt(m.get('curated_with_score_text'))}"),
     ("instruction / output words (curated)", lambda m: f"{_fmt(m.get('mean_instruction_words'))} / {_fmt(m.get('mean_output_words'))}"),
     ("instruction / output words (all)", lambda m: f"{_fmt(m.get('all_mean_instruction_words'))} / {_fmt(m.get('all_mean_output_words'))}"),
     ("SFT examples", "sft_examples"),

@@ -184,9 +184,12 @@ class Run:
         if not isinstance(manifest, dict):
             raise RunError(f"{path}: unreadable manifest (not a JSON object)")
         if manifest.get("format") != MANIFEST_FORMAT:
+            made_by = manifest.get("selfalign_version")
             raise RunError(
-                f"run directory {root} was made by an incompatible version "
-                f"(manifest format {manifest.get('format')}, this selfalign reads {MANIFEST_FORMAT})"
+                f"{path}: field 'format': run directory {root} was made by an incompatible version "
+                f"(manifest format {manifest.get('format')!r}, this selfalign reads {MANIFEST_FORMAT})"
+                + (f"; it was written by selfalign {made_by}" if made_by else "")
+                + ". Nothing was changed: use a new run directory, or the selfalign version that made this one"
             )
         if not isinstance(manifest.get("stages"), dict):
             raise RunError(f"{path}: unreadable manifest ('stages' is not a mapping)")
@@ -354,7 +357,13 @@ class Stage:
         started = self._started
         seconds = round(time.time() - started, 3) if started is not None else None
         self.entry.update(status=status, ended_at=utc_now(), seconds=seconds, **fields)
-        self.run._save()
+        if status != "failed":
+            self.run._save()
+            return
+        try:
+            self.run._save()
+        except OSError:  # e.g. the disk is full: the error being recorded matters more; the
+            pass  # manifest on disk keeps its previous, complete content (atomic writes)
 
     def __enter__(self) -> Stage:
         return self.start()

@@ -315,10 +315,16 @@ Document = tuple[str, str, dict]  # (doc id, raw text, metadata)
 
 
 def _txt_documents(path: Path, name: str, how: str) -> Iterator[Document]:
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:  # valid UTF-8 but no text: a binary file (or UTF-16) would pass the decode below
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(f"{path}: not a text file (a NUL byte at byte {nul}, line {line}); the corpus must be UTF-8 text")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}, line {line})") from None
     if how == "file":
         yield name, text, {"source_file": name}
         return

@@ -434,14 +434,49 @@ class JsonlWriter:
         return True
 
     def flush(self) -> None:
-        """Append all buffered lines in one ``write`` call, then flush and fsync."""
+        """Append all buffered lines in one ``write`` call, then flush and fsync.
+
+        If the write or the fsync fails (a full disk, a quota, an I/O error), the file is cut
+        back to the records it held before this batch, the batch is dropped (its ids are no
+        longer counted as present, so a rerun writes them) and :class:`RunError` says so.
+        """
         if not self._buffer or self._file is None:
             return
-        self._file.write(b"".join(self._buffer))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        start = self._file.tell()
+        try:
+            self._file.write(b"".join(self._buffer))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            lost = len(self._buffer)
+            self._undo_batch(start)
+            reason = e.strerror or type(e).__name__
+            raise RunError(
+                f"{self.path}: could not write {lost} records ({reason}); the file is left as it was, "
+                f"with its {self._on_disk} complete records. Free space (or fix the error) and rerun to continue."
+            ) from None
         self._on_disk += len(self._buffer)
         self._buffer.clear()
+
+    def _undo_batch(self, start: int) -> None:
+        """After a failed append: drop the batch and cut the file back to ``start`` bytes."""
+        for line in self._buffer:
+            self._ids.discard(json.loads(line)["id"])
+        self._buffer.clear()
+        old, self._file = self._file, None
+        try:
+            old.close()  # may try (and fail) to flush what is still buffered; the truncate below wins
+        except OSError:
+            pass
+        try:
+            with self.path.open("r+b") as f:
+                f.truncate(start)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a torn tail that could not be cut now is cut by the next writer
+            pass
+        self._file = open(self.path, "ab")
+        self._lock()
 
     def close(self) -> None:
         """Flush and close (idempotent)."""

@@ -99,6 +99,11 @@ class Template:
         """Names the template reads from its context (all branches, found statically)."""
         return frozenset(jinja2.meta.find_undeclared_variables(self._ast))
 
+    def first_line(self, variable: str) -> int | None:
+        """The template line where ``variable`` is first read (None if it never is)."""
+        lines = [n.lineno for n in self._ast.find_all(jinja2.nodes.Name) if n.name == variable and n.ctx == "load"]
+        return min(lines, default=None)
+
     def render(self, **variables: Any) -> str:
         """Render with ``variables``; unused extra variables are ignored.
 
@@ -174,7 +179,8 @@ def validate_template(tpl: Template, allowed: Iterable[str], required: Iterable[
     missing = sorted(required_set - used)
     if unknown:
         problems.append(
-            f"uses unknown variable(s) {', '.join(unknown)} (available: {', '.join(sorted(allowed_set)) or 'none'})"
+            f"uses unknown variable(s) {', '.join(f'{u} (line {tpl.first_line(u)})' for u in unknown)} "
+            f"(available: {', '.join(sorted(allowed_set)) or 'none'})"
         )
     if missing:
         problems.append(f"does not use required variable(s) {', '.join(missing)}")

@@ -40,6 +40,7 @@ from selfalign.recipes.steps import (
     seed_model,
     self_instruct_step,
 )
+from selfalign.recipes.preflight import check_inputs
 from selfalign.run import Run
 from selfalign.stages.judge import aggregate
 from selfalign.stages.length_control import make_actor_pairs
@@ -51,6 +52,7 @@ ITER_KEYS = ["self_instruct", "respond", "judge", "length_control", "meta_judge"
 
 def run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
     log = Log(quiet=not show_progress)
+    check_inputs(cfg)  # bad input fails here, before the run directory is touched
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
     log(f"run directory: {run.root}")
     seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, EFT)

@@ -37,6 +37,7 @@ from selfalign.recipes.steps import (
     self_instruct_step,
     write_all,
 )
+from selfalign.recipes.preflight import check_inputs
 from selfalign.run import Run
 from selfalign.stages.judge import aggregate
 from selfalign.stages.pairs import Scored, make_pairs
@@ -46,6 +47,7 @@ ITER_KEYS = ["self_instruct", "respond", "judge", "pairs", "dpo"]
 
 def run_self_rewarding(cfg: SelfRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
     log = Log(quiet=not show_progress)
+    check_inputs(cfg)  # bad input fails here, before the run directory is touched
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
     log(f"run directory: {run.root}")
     seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, IFT + EFT)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from selfalign.data.records import read_jsonl
-from selfalign.stages.judge import aggregate
+from selfalign.stages.judge import aggregate, has_score_text
 
 SCALE = range(1, 6)
 
@@ -74,7 +74,8 @@ def curated_examples(augmented: Sequence[dict], rated: dict[str, float], k: int)
 
 
 def curation_metrics(augmented: Sequence[dict], judgments_path: str | Path, k: int) -> dict:
-    """Rating histogram, parse failures, and the curated-set size for every threshold 1-5."""
+    """Rating histogram, parse failures, the curated-set size for every threshold 1-5, and how
+    many outputs (rated / kept) contain score-like text."""
     rated = ratings(judgments_path)
     judgments = parsed = 0
     for j in read_jsonl(judgments_path):
@@ -94,6 +95,10 @@ def curation_metrics(augmented: Sequence[dict], judgments_path: str | Path, k: i
         "curated_by_k": {f">={t}": sum(passes(s, t) for s in scores) for t in SCALE},
         "curation_threshold": k,
         "curated": len(kept),
+        # outputs that carry judge-like "Score: N" text (counted, never trusted: only the rater's
+        # own completion is parsed); how many of them were kept shows whether such text pays off
+        "responses_with_score_text": sum(has_score_text(a["output"]) for a in candidates),
+        "curated_with_score_text": sum(has_score_text(a["output"]) for a in kept),
         "mean_instruction_words": _mean_words(a["instruction"] for a in kept),
         "mean_output_words": _mean_words(a["output"] for a in kept),
         "all_mean_instruction_words": _mean_words(a["instruction"] for a in candidates),

@@ -38,8 +38,15 @@ from selfalign.progress import generation_progress
 from selfalign.prompts import judge_prompt, load_template
 from selfalign.stages.parsing import parse_score
 
-# score-like text inside a candidate response ("Score: 5", "score = 4/5"): counted, never trusted
-SCORE_LIKE = re.compile(r"score\s*[:=]\s*\**\s*\d", re.IGNORECASE)
+# score-like text inside a candidate response ("Score: 5", "**Score**: 5", "score = 4/5",
+# "Score: [5]"): counted in the stats (responses_with_score_text), never trusted - the parser
+# reads only the judge's completion
+SCORE_LIKE = re.compile(r"score[\s*_`]*[:=][\s*_`]*[<\[(]?\s*[+-]?\d", re.IGNORECASE)
+
+
+def has_score_text(text: str) -> bool:
+    """Does ``text`` (a candidate response) hold something that looks like a judge's score?"""
+    return bool(SCORE_LIKE.search(text))
 
 
 def instruction_of(response: dict) -> str:
@@ -315,7 +322,7 @@ def judge_stats(responses: Iterable[dict], judgments_path: str | Path) -> JudgeS
             scores.setdefault(j["response_id"], []).append(j["score"])
     for r in responses:
         stats.responses += 1
-        if SCORE_LIKE.search(r["response"]):
+        if has_score_text(r["response"]):
             stats.responses_with_score_text += 1
         if r["id"] not in scores:
             stats.unscored_responses += 1
