@@ -23,3 +23,7 @@ class EngineError(SelfAlignError):
 
 class RunError(SelfAlignError):
     """A run directory cannot be opened or resumed as asked."""
+
+
+class TrainingError(SelfAlignError):
+    """A training run in a child process (isolated or under ``accelerate launch``) failed."""

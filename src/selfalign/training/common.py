@@ -129,10 +129,37 @@ def trainer_kwargs(settings: TrainSettings, ckpt_dir: Path, bf16: bool) -> dict[
         push_to_hub=False,
         use_cpu=not cuda_available(),
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # under accelerate launch: every trained weight is used each step
         dataloader_pin_memory=False,
         disable_tqdm=True,
         remove_unused_columns=True,
     )
+
+
+def training_dataset(data: list[dict], args, ckpt_dir: Path):
+    """``data`` as a ``datasets.Dataset`` for a trainer built with ``args``.
+
+    In one process it stays in memory.  Under ``accelerate launch`` the main process saves it
+    to ``ckpt_dir/dataset`` and every process opens those files: TRL caches the precomputed
+    reference log-probs next to the dataset's files, and an in-memory dataset's cache lives in
+    a per-process temporary directory that the other processes cannot see.
+    """
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    ds = Dataset.from_list(data)
+    if args.world_size <= 1:
+        return ds
+    path = Path(ckpt_dir) / "dataset"
+    with args.main_process_first(local=False, desc="training dataset"):
+        if args.distributed_state.is_main_process:
+            tmp = path.with_name("dataset.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds.save_to_disk(str(tmp))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    return load_from_disk(str(path))
 
 
 def _checkpointing_kwargs(on: bool) -> dict[str, bool]:

@@ -24,9 +24,10 @@ bf16 after 12 steps).  ``bf16: true`` forces autocast anyway.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from selfalign.config import StrictModel
 
@@ -88,3 +89,78 @@ class DPOSettings(TrainSettings):
         if self.label_smoothing and self.loss_type not in ("robust",):
             raise ValueError("label_smoothing is only used by loss_type 'robust'")
         return self
+
+
+# accelerate configs shipped in selfalign/accelerate_configs/<name>.yaml
+SHIPPED_LAUNCHER_CONFIGS = ("deepspeed_zero3", "deepspeed_zero2", "fsdp")
+
+
+def shipped_launcher_config(name: str) -> Path:
+    """The path of a shipped accelerate config (see :data:`SHIPPED_LAUNCHER_CONFIGS`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("selfalign").joinpath(f"accelerate_configs/{name}.yaml")))
+
+
+class LaunchSettings(StrictModel):
+    """How SFT and DPO run: in this process, in a child process, or under ``accelerate launch``.
+
+    ``isolate: auto`` trains in a child process when it must (several processes or a launcher
+    config) or when generation and training share a GPU, so that neither keeps memory the other
+    needs; on a CPU with one process training stays in the recipe's own process.
+    """
+
+    num_processes: int = Field(1, ge=1, description="training processes (e.g. GPUs); > 1 launches `accelerate launch`")
+    launcher_config: str | None = Field(
+        None,
+        description="an accelerate config: a shipped one (" + ", ".join(SHIPPED_LAUNCHER_CONFIGS) + ") or a path to "
+        "your own accelerate YAML; naming one launches `accelerate launch --config_file`",
+    )
+    isolate: Literal["auto"] | bool = Field(
+        "auto", description="train in a child process; auto = when generation shares the GPU, or when launched with accelerate"
+    )
+    main_process_port: int | None = Field(
+        None, ge=0, le=65535, description="rendezvous port of the training processes; default: a free port (or the config's)"
+    )
+    accelerate_args: list[str] = Field(
+        default_factory=list, description="extra `accelerate launch` arguments, e.g. ['--num_machines', '2', '--machine_rank', '0']"
+    )
+
+    @field_validator("launcher_config")
+    @classmethod
+    def _config_exists(cls, v: str | None) -> str | None:
+        if v is None or v in SHIPPED_LAUNCHER_CONFIGS:
+            return v
+        if not Path(v).expanduser().is_file():
+            raise ValueError(
+                f"no accelerate config {v!r}: name a shipped one ({', '.join(SHIPPED_LAUNCHER_CONFIGS)}) or an existing YAML file"
+            )
+        return v
+
+    @field_validator("accelerate_args")
+    @classmethod
+    def _no_owned_flags(cls, v: list[str]) -> list[str]:
+        owned = {"--num_processes", "--config_file", "--main_process_port", "-m", "--module"}
+        bad = [a for a in v if a.split("=", 1)[0] in owned]
+        if bad:
+            raise ValueError(f"{bad[0]} is set by training.num_processes / launcher_config / main_process_port, not accelerate_args")
+        return v
+
+    @model_validator(mode="after")
+    def _isolation(self) -> LaunchSettings:
+        if self.isolate is False and self.uses_accelerate():
+            raise ValueError("isolate: false cannot be combined with num_processes > 1 or a launcher_config "
+                             "(accelerate launch always trains in child processes)")
+        return self
+
+    def uses_accelerate(self) -> bool:
+        """True when training goes through ``accelerate launch``."""
+        return self.num_processes > 1 or self.launcher_config is not None
+
+    def config_file(self) -> Path | None:
+        """The accelerate config file to pass, resolved (None without one)."""
+        if self.launcher_config is None:
+            return None
+        if self.launcher_config in SHIPPED_LAUNCHER_CONFIGS:
+            return shipped_launcher_config(self.launcher_config)
+        return Path(self.launcher_config).expanduser().resolve()

@@ -43,6 +43,7 @@ from selfalign.training.common import (
     resolve_bf16,
     stored_dtype,
     trainer_kwargs,
+    training_dataset,
 )
 from selfalign.training.config import DPOSettings
 from selfalign.training.outputs import (
@@ -100,7 +101,6 @@ def build_dpo_trainer(
 
     With precomputed reference log-probs the reference model is dropped after precomputing.
     """
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from transformers import set_seed
@@ -125,7 +125,7 @@ def build_dpo_trainer(
         model=load_model(model_dir),
         ref_model=ref_model,
         args=args,
-        train_dataset=Dataset.from_list(data),
+        train_dataset=training_dataset(data, args, ckpt_dir),
         processing_class=tokenizer,
         peft_config=peft_config(settings.lora),
         callbacks=list(callbacks),

@@ -61,7 +61,9 @@ class TrainResult:
     trainer's ``log_history`` (per logging step: ``loss``, ``learning_rate``, ``grad_norm``,
     for DPO ``rewards/chosen|rejected|margins|accuracies`` and ``logps/chosen|rejected``, and
     a last summary entry with ``train_runtime``).  ``reused`` is True when ``out_dir`` was
-    already finished and nothing was trained.
+    already finished and nothing was trained.  ``world_size`` is the number of training
+    processes (``accelerate launch --num_processes``); the batch of one step is then
+    ``per_device_batch_size x gradient_accumulation_steps x world_size``.
     """
 
     out_dir: Path
@@ -74,6 +76,7 @@ class TrainResult:
     resumed_from_step: int | None = None
     bf16: bool = False
     reused: bool = False
+    world_size: int = 1
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -215,7 +218,12 @@ def run_and_save(
     log: LogFn | None,
     t_start: float,
 ) -> TrainResult:
-    """Train (resuming if asked), then merge/cast/save atomically into ``out_dir``; return the result."""
+    """Train (resuming if asked), then merge/cast/save atomically into ``out_dir``; return the result.
+
+    Under ``accelerate launch`` every process calls this; only the main process (rank 0)
+    writes the final model, ``train_log.jsonl`` and ``training.json`` and removes the
+    checkpoints, after gathering sharded weights (FSDP, ZeRO-3) with every process.
+    """
     start_step = 0
     if resume_from:
         start_step = int(_CKPT_RE.match(Path(resume_from).name).group(1))
@@ -229,7 +237,8 @@ def run_and_save(
     history = [dict(h) for h in state.log_history]
     losses = [h["loss"] for h in history if "loss" in h]
     done_steps = max(state.global_step - start_step, 0)
-    per_step = settings.per_device_batch_size * settings.gradient_accumulation_steps
+    accelerator = trainer.accelerator
+    per_step = settings.per_device_batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
     samples = done_steps * per_step
     result = TrainResult(
         out_dir=Path(out_dir),
@@ -241,18 +250,44 @@ def run_and_save(
         num_examples=num_examples,
         resumed_from_step=start_step if resume_from else None,
         bf16=bf16,
+        world_size=accelerator.num_processes,
     )
     save_dtype = source_dtype if settings.save_dtype == "source" else settings.save_dtype
-    _save_final(trainer, tokenizer, Path(out_dir), save_dtype, result, fingerprint, t_start)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if log:
-        log(f"saved the model to {out_dir}")
+    model = _plain_model(trainer)  # collective when the weights are sharded: every rank takes part
+    if accelerator.is_main_process:
+        _save_final(model, tokenizer, Path(out_dir), save_dtype, result, fingerprint, t_start)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if log:
+            log(f"saved the model to {out_dir}")
+    accelerator.wait_for_everyone()
     return result
 
 
+def _is_sharded(accelerator) -> bool:
+    """True when no process holds the full weights (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
 def _plain_model(trainer):
-    """The trained model, unwrapped, with a LoRA adapter merged in (no peft left)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    """The trained model, unwrapped, with a LoRA adapter merged in (no peft left).
+
+    With sharded weights the full state dict is gathered (every process must call this) and
+    loaded on the main process into a fresh CPU copy of the same architecture (with the same
+    LoRA adapter layout), which is then merged; other processes get None.
+    """
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    if _is_sharded(accelerator):
+        full = accelerator.get_state_dict(trainer.model)
+        if not accelerator.is_main_process:
+            return None
+        model = _fresh_copy(model, full)
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -262,10 +297,30 @@ def _plain_model(trainer):
     return model
 
 
-def _save_final(trainer, tokenizer, out_dir: Path, dtype: str, result: TrainResult, fingerprint: dict, t_start: float):
+def _fresh_copy(model, state_dict: dict):
+    """A CPU float32 model of ``model``'s architecture (and LoRA adapter layout) holding ``state_dict``."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    is_peft = isinstance(model, PeftModel)
+    source = model.get_base_model() if is_peft else model
+    base = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
+    if getattr(source, "generation_config", None) is not None:
+        base.generation_config = source.generation_config
+    fresh = get_peft_model(base, model.peft_config["default"]) if is_peft else base
+    missing, unexpected = fresh.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=False)
+    tied = set(getattr(base, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    base.tie_weights()
+    return fresh
+
+
+def _save_final(model, tokenizer, out_dir: Path, dtype: str, result: TrainResult, fingerprint: dict, t_start: float):
     import torch
 
-    model = _plain_model(trainer)
     model = model.to(getattr(torch, dtype))
     model.config.use_cache = True  # activation checkpointing turns it off
     out_dir.parent.mkdir(parents=True, exist_ok=True)
