@@ -13,6 +13,10 @@ File naming rule: a stage named ``a/b`` writes ``root/a/b.<ext>`` (``stage.path(
 and, for directory outputs, ``root/a/b/`` (``stage.dir``).  A stage's declared ``outputs``
 are paths relative to the run root; the default is ``["<name>.jsonl"]``.
 
+Each stage's entry records its ``memory``: the peak resident set of this process during the
+stage (``peak_rss_mb``), the peak CUDA allocation (``peak_cuda_mb``, when the GPU was used),
+and under ``workers`` the training processes' own peaks (see :mod:`selfalign.memory`).
+
 Each stage declares ``depends_on``: dotted config-key prefixes whose values shape its
 outputs.  Reopening a run with a config that changes such a key for a stage that has
 already run (done, or partially run) is refused unless the user names a stage to restart
@@ -34,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from selfalign import __version__
+from selfalign import __version__, memory
 from selfalign.config import changed_keys, config_hash, flatten
 from selfalign.data.records import (
     JsonlWriter,
@@ -226,7 +230,14 @@ class Run:
 
     def _save(self) -> None:
         self.manifest["updated_at"] = utc_now()
-        atomic_write_json(self.root / "manifest.json", self.manifest)
+        path = self.root / "manifest.json"
+        try:
+            atomic_write_json(path, self.manifest)
+        except OSError as e:  # a full disk, a quota, a read-only file system...
+            raise RunError(
+                f"{path}: could not save the run manifest ({e.strerror or type(e).__name__}); "
+                f"the previous manifest is kept unchanged. Free space (or fix the error) and rerun to continue."
+            ) from None
 
     def stages(self) -> list[str]:
         """Names of the stages recorded in the manifest, in run order."""
@@ -321,6 +332,7 @@ class Stage:
         (self.run.root / self.name).parent.mkdir(parents=True, exist_ok=True)
         self._started = time.time()
         self._finished = False
+        memory.start()
         self.entry.update(
             status="running", depends_on=self.depends_on, outputs=self.outputs,
             started_at=utc_now(), ended_at=None, seconds=None, counts={}, error=None,
@@ -340,7 +352,7 @@ class Stage:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.touch(exist_ok=True)  # a stage that produced nothing still has an (empty) output
                 mark_done(p, {"stage": self.name, "counts": counts})
-        self._end("done", counts=counts, error=None)
+        self._end("done", counts=counts, error=None, memory=memory.stage_peak())
         self._finished = True
 
     def fail(self, error: str) -> None:
@@ -351,7 +363,7 @@ class Stage:
             except Exception:  # noqa: BLE001 - recording the original failure matters more
                 pass
         self._writers.clear()
-        self._end("failed", error=error)
+        self._end("failed", error=error, memory=memory.stage_peak())
 
     def _end(self, status: str, **fields: Any) -> None:
         started = self._started
@@ -362,7 +374,7 @@ class Stage:
             return
         try:
             self.run._save()
-        except OSError:  # e.g. the disk is full: the error being recorded matters more; the
+        except RunError:  # e.g. the disk is full: the error being recorded matters more; the
             pass  # manifest on disk keeps its previous, complete content (atomic writes)
 
     def __enter__(self) -> Stage:

@@ -161,7 +161,7 @@ def read_jsonl(
             if not text.strip():
                 continue
             try:
-                value = json.loads(text)
+                value = json.loads(text.rstrip("\r\n"))  # a syntax error reports its column on this line
             except json.JSONDecodeError as e:
                 if torn and allow_torn_tail:
                     return
