@@ -95,7 +95,8 @@ class HFEngine(Engine):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
             self.model = AutoModelForCausalLM.from_pretrained(
-                self.model_dir, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
+                self.model_dir, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # weights from safetensors only: never unpickle a .bin file
             ).to(self.device)
         except OSError as e:
             raise EngineError(f"could not load model from {self.model_dir}: {e}") from None

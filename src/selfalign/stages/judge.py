@@ -227,7 +227,7 @@ class ClassifierReward(Reward):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, use_safetensors=True).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 

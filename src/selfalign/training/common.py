@@ -53,7 +53,8 @@ def load_model(model_dir: Path):
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a model directory (no config.json)")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        # safetensors only (never unpickle a .bin file); no remote code
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     except Exception as e:
         raise ModelError(f"could not load the model in {model_dir}: {type(e).__name__}: {e}") from None
 
