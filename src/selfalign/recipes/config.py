@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from selfalign.config import EngineConfig, ModelConfig, StrictModel
-from selfalign.training.config import DPOSettings, SFTSettings
+from selfalign.training.config import DPOSettings, LaunchSettings, SFTSettings
 
 
 class SeedDataConfig(StrictModel):
@@ -149,6 +149,9 @@ class SelfRewardingConfig(StrictModel):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    training: LaunchSettings = Field(
+        default_factory=LaunchSettings, description="where SFT and DPO run: this process, a child process, or accelerate launch"
+    )
     eval: EvalHooks = Field(default_factory=EvalHooks, description="evaluations after each iteration (stored in the run, shown in the report)")
 
 

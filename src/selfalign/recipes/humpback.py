@@ -31,7 +31,7 @@ from selfalign.run import Run
 from selfalign.stages.backtranslate import AugmentSettings, reversed_examples, run_augment
 from selfalign.stages.curate import as_responses, curated_examples, curation_metrics, ratings, tag
 from selfalign.stages.judge import LLMJudge, run_judge
-from selfalign.training import train_sft
+from selfalign.training.launch import train
 
 BASE_KEYS = ["recipe", "seed", "model"]
 CORPUS_KEYS = BASE_KEYS + ["corpus"]
@@ -91,8 +91,9 @@ def backward_step(run: Run, cfg: HumpbackConfig, base: Path, seed: list[dict], l
         examples = reversed_examples(seed, cfg.backward.template)
         with stage as st:
             log(f"backward model: SFT of {base.name} on {len(examples)} reversed seed pairs (output -> instruction)")
-            res = train_sft(base, examples, out, cfg.backward.settings, log=log)
-            st.finish({"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1)})
+            res = train("sft", base, examples, out, cfg.backward.settings, launch=cfg.training, engine=cfg.engine, log=log)
+            st.finish({"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1),
+                       "processes": res.world_size})
     return out
 
 
@@ -164,9 +165,9 @@ def forward_step(run: Run, cfg: HumpbackConfig, base: Path, seed: list[dict], cu
         examples = training_examples(cfg, seed, curated)
         with stage as st:
             log(f"[{where}] SFT of {base.name} on {len(seed)} seed + {len(curated)} augmented examples")
-            res = train_sft(base, examples, out, cfg.sft, log=log)
+            res = train("sft", base, examples, out, cfg.sft, launch=cfg.training, engine=cfg.engine, log=log)
             st.finish({"examples": len(examples), "seed": len(seed), "augmented": len(curated), "steps": res.steps,
-                       "final_loss": res.final_loss, "seconds": round(res.seconds, 1)})
+                       "final_loss": res.final_loss, "seconds": round(res.seconds, 1), "processes": res.world_size})
     return out
 
 

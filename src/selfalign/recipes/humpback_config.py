@@ -10,7 +10,7 @@ from pydantic import Field
 from selfalign.config import EngineConfig, ModelConfig, StrictModel
 from selfalign.data.corpus import CorpusSettings
 from selfalign.recipes.config import SeedDataConfig
-from selfalign.training.config import SFTSettings
+from selfalign.training.config import LaunchSettings, SFTSettings
 
 
 class BackwardConfig(StrictModel):
@@ -67,3 +67,6 @@ class HumpbackConfig(StrictModel):
     curate: CurateConfig = Field(default_factory=CurateConfig)
     tagging: TaggingConfig = Field(default_factory=TaggingConfig)
     sft: SFTSettings = Field(default_factory=SFTSettings, description="training of the forward models M_0 .. M_R (each from the base model)")
+    training: LaunchSettings = Field(
+        default_factory=LaunchSettings, description="where SFT runs: this process, a child process, or accelerate launch"
+    )

@@ -86,7 +86,7 @@ def iteration(
     finally:
         engine.close()
     actor_pairs = actor_pairs_step(stage["actor_pairs"], run, cfg, t, responses)
-    dpo_step(stage["dpo"], model, actor_pairs + judge_pairs, run.root / it / "model", cfg.dpo, log, it)
+    dpo_step(stage["dpo"], cfg, model, actor_pairs + judge_pairs, run.root / it / "model", cfg.dpo, log, it)
     metrics = iteration_metrics(run, cfg, t, responses, actor_pairs, judge_pairs)
     metrics.update(run_iteration_evals(run, cfg, t, keys, run.root / it / "model", model, seed.eft_heldout, log, show_progress))
     metrics["generation_dtype"] = engine.dtype

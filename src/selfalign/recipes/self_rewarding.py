@@ -77,7 +77,7 @@ def iteration(
     finally:
         engine.close()
     pairs = pairs_step(stage["pairs"], run, cfg, t, responses)  # (4) best vs worst, ties dropped
-    dpo_step(stage["dpo"], model, pairs, next_model, cfg.dpo, log, it)  # (5) M_{t+1} = DPO(M_t)
+    dpo_step(stage["dpo"], cfg, model, pairs, next_model, cfg.dpo, log, it)  # (5) M_{t+1} = DPO(M_t)
     metrics = iteration_metrics(run, t, responses, pairs)
     metrics.update(run_iteration_evals(run, cfg, t, keys, next_model, model, seed.eft_heldout, log, show_progress))
     metrics["generation_dtype"] = engine.dtype

@@ -20,7 +20,7 @@ from selfalign.run import Run, Stage
 from selfalign.stages.generate import run_generate
 from selfalign.stages.judge import ClassifierReward, FunctionReward, LLMJudge, run_judge
 from selfalign.stages.self_instruct import SelfInstructSettings, kept_prompts, run_self_instruct
-from selfalign.training import train_dpo, train_sft
+from selfalign.training.launch import train
 
 # config sections every seed step depends on
 SEED_KEYS = ["recipe", "seed", "model", "seed_data", "sft"]
@@ -132,8 +132,8 @@ def make_reward(cfg, engine, t: int):
     )
 
 
-def dpo_step(stage: Stage, model: Path, pairs: list[dict], out: Path, settings, log, label: str) -> None:
-    """(5) M_{t+1} = DPO(M_t) on ``pairs`` with M_t as the reference model."""
+def dpo_step(stage: Stage, cfg, model: Path, pairs: list[dict], out: Path, settings, log, label: str) -> None:
+    """(5) M_{t+1} = DPO(M_t) on ``pairs`` with M_t as the reference model (run where ``cfg.training`` says)."""
     if stage.done:
         return
     if not pairs:
@@ -144,8 +144,9 @@ def dpo_step(stage: Stage, model: Path, pairs: list[dict], out: Path, settings, 
         )
     with stage as st:
         log(f"[{label}] DPO on {len(pairs)} pairs (beta {settings.beta}, lr {settings.learning_rate})")
-        res = train_dpo(model, pairs, out, settings, ref_model_dir=model, log=log)
-        st.finish({"pairs": len(pairs), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1)})
+        res = train("dpo", model, pairs, out, settings, launch=cfg.training, engine=cfg.engine, ref_model_dir=model, log=log)
+        st.finish({"pairs": len(pairs), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1),
+                   "processes": res.world_size})
 
 
 def write_all(path: Path, records: list[dict]) -> None:
@@ -187,8 +188,9 @@ def sft_step(run: Run, cfg, base: Path, seed: SeedData, log) -> Path:
     if not stage.done:
         with stage as st:
             log(f"SFT of {base.name} on {len(ift)} IFT + {len(examples) - len(ift)} EFT examples")
-            res = train_sft(base, examples, out, cfg.sft.settings, log=log)
-            st.finish({"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1)})
+            res = train("sft", base, examples, out, cfg.sft.settings, launch=cfg.training, engine=cfg.engine, log=log)
+            st.finish({"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1),
+                       "processes": res.world_size})
     return out
 
 

@@ -172,7 +172,11 @@ def train_in_child(
     result = TrainResult.from_json(json.loads(marker.read_text(encoding="utf-8"))["result"])
     result.out_dir = out_dir
     result.seconds = time.perf_counter() - t0  # process start-up and loading included
-    memory.note_workers(worker_reports(jd))
+    reports = worker_reports(jd)
+    memory.note_workers(reports)
+    if log and reports:
+        kinds = sorted({str(r.get("distributed")) for r in reports})
+        log(f"{kind.upper()} ran in {len(reports)} process(es) as accelerate {'/'.join(kinds)}")
     return result
 
 

@@ -73,8 +73,16 @@ def run_job(job_file: Path) -> None:
             Path(job["model_dir"]), records, Path(job["out_dir"]), DPOSettings.model_validate(job["settings"]),
             ref_model_dir=ref, log=log,
         )
-    report = {"rank": rank, "world_size": result.world_size, "pid": os.getpid(), **memory.own_peak()}
+    report = {"rank": rank, "world_size": result.world_size, "pid": os.getpid(), "distributed": _distributed_type(), **memory.own_peak()}
     atomic_write_json(Path(job_file).parent / f"worker_rank{rank}.json", report)
+
+
+def _distributed_type() -> str:
+    """accelerate's name for how the processes were combined (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED)."""
+    from accelerate.state import PartialState
+
+    state = PartialState._shared_state
+    return str(getattr(state.get("distributed_type"), "value", state.get("distributed_type", "NO")))
 
 
 def _close_process_group() -> None:
