@@ -412,7 +412,9 @@ def transformers_server(embedded_model_dir, tmp_path_factory):
         pytest.skip("the transformers CLI is not installed (pip install 'transformers[serving]')")
     port = _free_port()
     log_path = tmp_path_factory.mktemp("tserve") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # one torch thread unless the caller says otherwise: on a small, shared CPU more threads spin
+    # at barriers (8 new tokens took 10-17 s a request with the default, ~1 s with one thread)
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(exe), "serve", str(embedded_model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -103,7 +103,7 @@ def generate(
     console.print(
         f"wrote {res.written_now} responses ({res.skipped_existing} already there) for {res.prompts} prompts{dup} "
         f"to {out}: {res.completion_tokens} tokens in {res.seconds:.1f}s = {res.tokens_per_second:.1f} tok/s"
-        + (f"; {res.errors} failed (see their 'error' field)" if res.errors else "")
+        + (f"; {res.errors} failed, listed with their reasons in {res.failed_path} (rerun to retry only them)" if res.errors else "")
     )
 
 

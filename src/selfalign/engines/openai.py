@@ -125,6 +125,7 @@ class OpenAIEngine(Engine):
             max_retries=engine_cfg.max_retries,
             backoff_initial_s=engine_cfg.backoff_initial_s,
             backoff_max_s=engine_cfg.backoff_max_s,
+            on_error=engine_cfg.on_error,
             extra_body=engine_cfg.extra_body,
         )
 
@@ -338,9 +339,7 @@ class OpenAIEngine(Engine):
             retryable = status in _RETRYABLE_STATUS or status >= 500
             return retryable, reason, status, _retry_after(e.response.headers) if retryable else None
         if isinstance(e, openai.APIConnectionError):
-            cause = e.__cause__ or e.__context__
-            detail = f"{type(cause).__name__}: {cause}" if cause else e.message
-            return True, f"connection error ({detail})", None, None
+            return True, f"connection error ({_cause_text(e) or e.message})", None, None
         if isinstance(e, (_Malformed, ValueError)):  # json.JSONDecodeError is a ValueError
             return True, f"malformed response ({type(e).__name__}: {str(e)[:200]})", None, None
         raise e
@@ -356,6 +355,25 @@ class OpenAIEngine(Engine):
         if self._api_key and self._api_key != "EMPTY":
             text = text.replace(self._api_key, "***")
         return text
+
+
+def _cause_text(e: BaseException) -> str:
+    """``"<type>: <message>"`` for what caused ``e``: the type of its direct cause and the first
+    non-empty message down the cause chain (the HTTP stack wraps a reset socket in several
+    exceptions with empty messages: ``ReadError: ConnectionResetError: [Errno 104] ...``)."""
+    chain: list[BaseException] = []
+    cause = e.__cause__ or e.__context__
+    while cause is not None and all(cause is not c for c in chain) and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if not chain:
+        return ""
+    head = type(chain[0]).__name__
+    for c in chain:
+        text = str(c).strip()
+        if text:
+            return f"{head}: {text}" if c is chain[0] else f"{head}: {type(c).__name__}: {text}"
+    return head
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

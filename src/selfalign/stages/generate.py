@@ -5,10 +5,27 @@ settings), the output is appended in fsync'ed batches, and a rerun asks the engi
 prompts whose samples are not all on disk yet. The output is complete when its ``.done``
 marker is written.
 
+Failed samples (the engine gave up on a request: an endpoint that kept failing past its
+retries with ``engine.on_error: record``, a prompt too long for the model's context) are
+not written to the output, so no later stage mistakes them for answers. They go to
+``<out>.failed.jsonl``, one record each with the reason, and the ``.done`` marker counts
+them (``failed``). A rerun asks the engine again for exactly the samples missing from the
+output, i.e. the failed ones, even when the output is marked done; successes are never
+redone. The failure file always describes the latest pass: it is removed when a pass
+starts and written as failures arrive, and it is absent when nothing failed.
+
 Response record::
 
     {"id", "kind": "response", "prompt_id", "messages", "response", "sample_index", "seed",
-     "finish_reason", "prompt_tokens", "completion_tokens", "error"?, "generator"}
+     "finish_reason", "prompt_tokens", "completion_tokens", "retries", "generator"}
+
+Failure record (``<out>.failed.jsonl``)::
+
+    {"id", "kind": "failed_response", "prompt_id", "messages", "sample_index", "seed",
+     "error", "retries", "generator"}
+
+``retries`` counts the engine's retries for the whole request the sample came from (all
+its HTTP calls, for the ``openai`` engine; always 0 for local engines).
 """
 
 from __future__ import annotations
@@ -19,7 +36,7 @@ from pathlib import Path
 
 from selfalign.config import GenerationConfig, config_hash
 from selfalign.data.prompts import Prompt
-from selfalign.data.records import JsonlWriter, is_done, read_done
+from selfalign.data.records import JsonlWriter, done_marker_path, is_done, read_done
 from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
 from selfalign.progress import generation_progress
 
@@ -35,6 +52,7 @@ class GenerateResult:
     errors: int
     seconds: float
     already_done: bool = False
+    failed_path: Path | None = None  # where the ``errors`` failed samples of this pass are listed
 
     @property
     def tokens_per_second(self) -> float:
@@ -63,6 +81,12 @@ def response_id(prompt_id: str, sample_index: int, seed: int, settings_hash: str
     return record_id("response", prompt_id, sample_index, seed, settings_hash)
 
 
+def failed_path(out_path: str | Path) -> Path:
+    """``<out>.failed.jsonl``: the samples of the latest pass that the engine could not produce."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".failed.jsonl")
+
+
 def run_generate(
     engine: Engine,
     prompts: Sequence[Prompt],
@@ -75,6 +99,7 @@ def run_generate(
     import time
 
     out_path = Path(out_path)
+    fpath = failed_path(out_path)
     fingerprint = settings_fingerprint(gen, engine)
     shash = config_hash(fingerprint)
     params = sampling_params(gen)
@@ -84,7 +109,10 @@ def run_generate(
     if is_done(out_path):
         done = read_done(out_path) or {}
         if done.get("settings_hash") == shash and done.get("prompts_hash") == phash:
-            return GenerateResult(out_path, len(prompts), done.get("records", total), 0, done.get("records", total), 0, 0, 0.0, True)
+            if not done.get("failed"):
+                return GenerateResult(out_path, len(prompts), done.get("records", total), 0, done.get("records", total), 0, 0, 0.0, True)
+            # done, but with failed samples: retry them; until this pass ends the output is not complete
+            done_marker_path(out_path).unlink(missing_ok=True)
 
     with JsonlWriter(out_path, batch_size=batch_size, fingerprint=fingerprint) as writer:
         todo: list[GenerationRequest] = []
@@ -95,38 +123,66 @@ def run_generate(
             existing += have
             if have < gen.n:
                 todo.append(GenerationRequest.chat(p.id, p.messages, params))
+        fpath.unlink(missing_ok=True)  # the previous pass's failures are retried now
+        failures: JsonlWriter | None = None
+        failed_ids: set[str] = set()
         by_id = {p.id: p for p in prompts}
-        written = tokens = errors = 0
-        with generation_progress("generate", total, enabled=show_progress) as bar:
-            bar.advance(existing)
-            for result in engine.generate(todo):
-                p = by_id[result.request.id]
-                new = 0
-                for s in result.samples:
-                    record = {
-                        "id": response_id(p.id, s.index, gen.seed, shash),
-                        "kind": "response",
-                        "prompt_id": p.id,
-                        "messages": list(p.messages),
-                        "response": s.text,
-                        "sample_index": s.index,
-                        "seed": gen.seed,
-                        "finish_reason": s.finish_reason,
-                        "prompt_tokens": result.prompt_tokens,
-                        "completion_tokens": s.completion_tokens,
-                        "generator": fingerprint["generator"],
-                    }
-                    if s.error:
-                        record["error"] = s.error
-                        errors += 1
-                    if writer.write(record):
+        written = tokens = 0
+        try:
+            with generation_progress("generate", total, enabled=show_progress) as bar:
+                bar.advance(existing)
+                for result in engine.generate(todo):
+                    p = by_id[result.request.id]
+                    new = settled = 0
+                    for s in result.samples:
+                        rid = response_id(p.id, s.index, gen.seed, shash)
+                        if rid in writer:  # a request re-asked for its missing samples: keep what is on disk
+                            continue
+                        if s.finish_reason == "error" or s.error:
+                            failures = failures or JsonlWriter(fpath, batch_size=1)
+                            failures.write({
+                                "id": rid,
+                                "kind": "failed_response",
+                                "prompt_id": p.id,
+                                "messages": list(p.messages),
+                                "sample_index": s.index,
+                                "seed": gen.seed,
+                                "error": s.error or "the engine returned no text and no reason",
+                                "retries": result.retries,
+                                "generator": fingerprint["generator"],
+                            })
+                            failed_ids.add(rid)
+                            settled += 1
+                            continue
+                        writer.write({
+                            "id": rid,
+                            "kind": "response",
+                            "prompt_id": p.id,
+                            "messages": list(p.messages),
+                            "response": s.text,
+                            "sample_index": s.index,
+                            "seed": gen.seed,
+                            "finish_reason": s.finish_reason,
+                            "prompt_tokens": result.prompt_tokens,
+                            "completion_tokens": s.completion_tokens,
+                            "retries": result.retries,
+                            "generator": fingerprint["generator"],
+                        })
                         new += 1
                         tokens += s.completion_tokens
-                written += new
-                bar.advance(new, sum(s.completion_tokens for s in result.samples))
+                    written += new
+                    bar.advance(new + settled, sum(s.completion_tokens for s in result.samples))
+        finally:
+            if failures is not None:
+                failures.close()
         seconds = time.monotonic() - t0
         count = sum(1 for p in prompts for i in range(gen.n) if response_id(p.id, i, gen.seed, shash) in writer)
-        if count != total:  # cannot happen unless the engine dropped a request; never mark it done
-            raise RuntimeError(f"{out_path}: expected {total} responses, found {count}; rerun to complete")
-        writer.mark_done({"settings_hash": shash, "prompts_hash": phash, "prompts": len(prompts), "errors_this_pass": errors})
-    return GenerateResult(out_path, len(prompts), count, written, existing, tokens, errors, seconds)
+        if count + len(failed_ids) != total:  # cannot happen unless the engine dropped a request; never mark it done
+            raise RuntimeError(
+                f"{out_path}: expected {total} responses, found {count} (and {len(failed_ids)} failed); rerun to complete"
+            )
+        writer.mark_done({"settings_hash": shash, "prompts_hash": phash, "prompts": len(prompts), "failed": len(failed_ids)})
+    return GenerateResult(
+        out_path, len(prompts), count, written, existing, tokens, len(failed_ids), seconds,
+        failed_path=fpath if failed_ids else None,
+    )
