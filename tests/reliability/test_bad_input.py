@@ -31,6 +31,10 @@ from selfalign.run import Run
 
 runner = CliRunner()
 
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the shared helpers scripted.py, test_engine_openai.py
+if str(TESTS) not in sys.path:  # with or without tests/reliability/__init__.py
+    sys.path.insert(0, str(TESTS))
+
 IFT_OK = {"id": "a", "messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
 
 

@@ -13,10 +13,16 @@ metrics of Instruction Backtranslation.
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
-from scripted import ScriptedEngine
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the shared helpers scripted.py, test_engine_openai.py
+if str(TESTS) not in sys.path:  # with or without tests/reliability/__init__.py
+    sys.path.insert(0, str(TESTS))
+
+from scripted import ScriptedEngine  # noqa: E402
 from selfalign.data.records import JsonlWriter, read_jsonl
 from selfalign.prompts import judge_prompt
 from selfalign.run import Run
