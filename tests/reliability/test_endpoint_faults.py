@@ -23,11 +23,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_engine_openai import transformers_server  # noqa: F401  (its module-scoped server fixture)
 
 from selfalign.data.records import is_done, read_done
 from selfalign.stages.generate import failed_path
 
-from .faultproxy import FAULTS, CannedBackend, FaultProxy, canned_text, plan_faults, request_key_with_seed
+from .faultproxy import (
+    FAULTS,
+    CannedBackend,
+    FaultProxy,
+    canned_text,
+    plan_faults,
+    request_key_with_seed,
+)
 
 MAX_RETRIES = 3
 TIMEOUT_S = 2.0  # the client's per-call timeout; a canned reply over loopback takes milliseconds
@@ -78,7 +86,8 @@ def _generate(prompts: Path, out: Path, config: Path, limit: float = RUN_LIMIT_S
     cmd = [sys.executable, "-c", "from selfalign.cli import app; app()", "generate", str(prompts), "-o", str(out),
            "-c", str(config), "--no-progress"]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env={**os.environ, "COLUMNS": "250"})
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False,
+                              env={**os.environ, "COLUMNS": "250"})
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"selfalign generate did not stop by itself within {limit:.0f}s; output so far:\n{e.stdout}\n{e.stderr}")
 
@@ -160,6 +169,9 @@ def test_every_request_is_answered_or_failed_with_its_reason_and_a_rerun_retries
 
     table = _fault_table(log, {x["prompt_id"]: x for x in answered + failed}, prompts)
     _print_table(f"{N_PROMPTS} prompts, max_retries={MAX_RETRIES}, seed 8", table)
+    print("the command said:", " ".join(r.stdout.split()))
+    for rec in sorted(failed, key=lambda x: x["prompt_id"]):
+        print(f"failed {rec['prompt_id']} (last fault {log[prompts[rec['prompt_id']]][-1]}): {rec['error']}")
     assert all(row["injected"] >= 5 for row in table.values()), table  # every kind really exercised
     assert {log[prompts[x["prompt_id"]]][-1] for x in failed} == set(FAULTS)  # every kind ends some request
 
@@ -273,8 +285,6 @@ def test_with_n_samples_a_rerun_keeps_answered_samples_and_fills_only_the_failed
 
 
 # ----- a real server: transformers serve behind the proxy
-
-from test_engine_openai import transformers_server  # noqa: E402,F401  (the module-scoped server fixture)
 
 
 @pytest.mark.slow
