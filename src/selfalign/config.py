@@ -62,6 +62,11 @@ class EngineConfig(StrictModel):
     max_retries: int = Field(5, ge=0)
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
+    on_error: Literal["raise", "record"] = Field(
+        "raise",
+        description="a request still failing after max_retries: raise stops the command; record lists it "
+        "as failed (with the reason) and goes on, and a rerun retries only the failed ones",
+    )
     extra_body: dict | None = Field(
         None,
         description="extra JSON fields sent with every request, e.g. for transformers serve: "
