@@ -58,7 +58,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Responses JSONL to write (resumed if it exists).")],
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model/engine/generation sections.")] = None,
     overrides: SetOption = None,
-    engine: Annotated[Optional[str], typer.Option(help="Engine kind: hf or openai.")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="Engine kind: hf, openai or vllm.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model spec: local dir, .gguf file, hub id or smollm2-135m-instruct.")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="Base URL of an OpenAI-compatible server (engine openai).")] = None,
     n: Annotated[Optional[int], typer.Option("-n", help="Samples per prompt.")] = None,

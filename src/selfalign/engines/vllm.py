@@ -2,11 +2,11 @@
 
 Why a child process: vLLM holds the device (weights, a pre-allocated KV cache, CUDA graphs)
 for as long as its process lives, and the next step of a recipe trains on the same GPU.
-So the parent never imports vLLM. It starts one spawned worker per data-parallel replica
-(``multiprocessing`` spawn context, its own process group), sends it batches of tokenized
-requests over a pipe and receives finished samples one by one. :meth:`VLLMEngine.close`
-(also run on interpreter exit) asks the workers to stop, waits, and kills their process
-groups if they do not; when it returns, the device is free.
+So the parent never imports vLLM. It starts one worker per data-parallel replica, a fresh
+``python -m selfalign.engines.vllm_worker`` in its own session (see that module for the
+protocol), sends it batches of tokenized requests over a pipe and receives finished samples
+one by one. :meth:`VLLMEngine.close` (also run on interpreter exit) asks the workers to stop,
+waits, and kills their process groups if they do not; when it returns, the device is free.
 
 How a call to :meth:`VLLMEngine.generate` runs:
 
@@ -31,24 +31,21 @@ a log file, not the terminal); the engine is then closed.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import signal
-import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
 from pathlib import Path
 
 from selfalign.engines.base import Engine, GenerationRequest, RequestResult, Sample
 from selfalign.engines.sampling import row_seed
+from selfalign.engines.vllm_worker import Worker, stop_all
 from selfalign.errors import EngineError
 
 log = logging.getLogger(__name__)
 
 CHUNK_SEQUENCES = 4096  # samples handed to the workers at once (requests are read lazily, chunk by chunk)
-_STOP_WAIT_S = 60.0  # how long close() waits for a worker to exit before killing its process group
+_STOP_WAIT_S = 60.0  # how long an abort may take before the workers count as hung
 _POLL_S = 1.0
 
 
@@ -165,116 +162,6 @@ def replica_devices(data_parallel_size: int, tensor_parallel_size: int, visible:
 # ---------------------------------------------------------------------- the parent side
 
 
-class _Worker:
-    """One vLLM replica: a ``python -m selfalign.engines.vllm`` child in its own session, and the
-    parent's end of the pipe to it. (A fresh interpreter rather than a ``multiprocessing`` spawn,
-    so the caller's ``__main__`` is never re-imported and scripts need no ``__main__`` guard.)"""
-
-    def __init__(self, rank: int, llm_args: dict, cuda_devices: str | None) -> None:
-        import multiprocessing
-        import subprocess
-        import sys
-
-        fd, self.log_path = tempfile.mkstemp(prefix=f"selfalign-vllm-{os.getpid()}-{rank}-", suffix=".log")
-        self.rank = rank
-        self.conn, child = multiprocessing.Pipe()
-        env = dict(os.environ)
-        if cuda_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = cuda_devices
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "selfalign.engines.vllm", str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,  # its own process group, which kill() ends as a whole
-            )
-        finally:
-            os.close(fd)
-            child.close()
-        self.last_heard = time.monotonic()
-        self.send(("start", llm_args))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, msg: tuple) -> None:
-        try:
-            self.conn.send(msg)
-        except (OSError, ValueError) as e:
-            raise self.failure(f"could not send to it ({type(e).__name__})") from None
-
-    def recv(self) -> tuple:
-        try:
-            msg = self.conn.recv()
-        except (EOFError, OSError):
-            try:
-                self.proc.wait(5)
-            except Exception:  # noqa: BLE001 - failure() kills it
-                pass
-            raise self.failure("its pipe closed") from None
-        self.last_heard = time.monotonic()
-        return msg
-
-    def check(self, timeout_s: float, what: str) -> None:
-        """Raise if the worker died or has been silent for ``timeout_s``."""
-        if not self.alive():
-            raise self.failure("it exited")
-        if time.monotonic() - self.last_heard > timeout_s:
-            raise self.failure(f"it sent nothing for {timeout_s:g}s while {what}")
-
-    def failure(self, why: str) -> EngineError:
-        code = self.proc.poll()
-        if code is not None and code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-        elif code is not None:
-            how = f"exit code {code}"
-        else:
-            how = "still running; now killed"
-        self.kill()
-        return EngineError(f"vLLM worker {self.rank} (pid {self.proc.pid}) failed: {why} ({how}).{log_tail(self.log_path)}")
-
-    def stop(self, timeout_s: float = _STOP_WAIT_S) -> None:
-        if self.alive():
-            try:
-                self.conn.send(("close",))
-                self.proc.wait(timeout_s)
-            except Exception:  # noqa: BLE001 - killed below
-                pass
-        self.kill()
-        self.conn.close()
-
-    def kill(self) -> None:
-        """SIGKILL the worker's process group (vLLM's own engine and executor processes are in it)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            self.proc.wait(10)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def log_tail(path: str, lines: int = 25) -> str:
-    try:
-        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return f" Its log is {path}; the last lines:\n" + "\n".join(text) if text else f" Its log {path} is empty."
-
-
-def _stop_all(workers: list[_Worker]) -> None:
-    for w in workers:
-        w.stop()
-        try:
-            os.unlink(w.log_path)
-        except OSError:
-            pass
-    workers.clear()
-
-
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -296,11 +183,11 @@ class VLLMEngine(Engine):
                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                           enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, vllm_kwargs=vllm_kwargs)
         devices = replica_devices(data_parallel_size, tensor_parallel_size, _visible_gpus() if device.startswith("cuda") else [])
-        self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+        self._workers: list[Worker] = []
+        self._finalizer = weakref.finalize(self, stop_all, self._workers)
         self._busy = False
         try:
-            self._workers.extend(_Worker(r, args, devices[r]) for r in range(data_parallel_size))
+            self._workers.extend(Worker(r, args, devices[r]) for r in range(data_parallel_size))
             infos = [self._wait_ready(w, start_timeout_s) for w in self._workers]
         except BaseException:
             self.close()
@@ -337,7 +224,7 @@ class VLLMEngine(Engine):
         """Stop the workers and wait for them to exit, so the device they held is free."""
         self._finalizer()
 
-    def _wait_ready(self, w: _Worker, timeout_s: float) -> dict:
+    def _wait_ready(self, w: Worker, timeout_s: float) -> dict:
         while not w.conn.poll(_POLL_S):
             w.check(timeout_s, "loading the model")
         kind, payload = w.recv()
@@ -345,7 +232,7 @@ class VLLMEngine(Engine):
             raise w.failure(f"it could not start vLLM: {payload}")
         return payload
 
-    def _live(self) -> list[_Worker]:
+    def _live(self) -> list[Worker]:
         if not self._workers:
             raise EngineError("the vllm engine is closed")
         if self._busy:
@@ -378,7 +265,7 @@ class VLLMEngine(Engine):
                 assembler.expect(job["key"], *by_key[job["key"]])
             yield from self._exchange(workers, [("generate", share) for share in split_jobs(jobs, len(workers))], assembler)
 
-    def _exchange(self, workers: list[_Worker], messages: list[tuple], assembler: ResultAssembler | None,
+    def _exchange(self, workers: list[Worker], messages: list[tuple], assembler: ResultAssembler | None,
                   replies: dict | None = None) -> Iterator[RequestResult]:
         """Send each worker its message and relay what comes back until every worker said ``done``."""
         from multiprocessing.connection import wait
@@ -476,130 +363,3 @@ def _visible_gpus() -> list[str]:
 
 
 # ---------------------------------------------------------------------- the worker (child process)
-
-
-class _ParentGone(Exception):
-    pass
-
-
-def worker_main(conn) -> None:
-    """The worker: load vLLM with the arguments of the parent's ``start`` message, then serve
-    ``generate``/``probs`` until ``close`` (or until the parent's end of the pipe closes)."""
-    kind, llm_args = conn.recv()
-    try:
-        import vllm
-
-        llm = vllm.LLM(**llm_args)
-        engine = llm.llm_engine
-        conn.send(("ready", {"vllm": vllm.__version__, "max_model_len": engine.model_config.max_model_len}))
-    except BaseException as e:  # noqa: BLE001 - the parent gets the reason
-        import traceback
-
-        traceback.print_exc()
-        conn.send(("fatal", f"{type(e).__name__}: {e}"))
-        return
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break  # the parent is gone
-            if msg[0] == "close":
-                break
-            try:
-                if msg[0] == "generate":
-                    _serve_generate(conn, engine, msg[1])
-                elif msg[0] == "probs":
-                    _serve_probs(conn, engine, msg[1])
-                conn.send(("done",))
-            except _ParentGone:
-                break
-            except Exception as e:  # noqa: BLE001 - reported, the worker stays usable
-                import traceback
-
-                traceback.print_exc()
-                _abort_all(engine)
-                conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-
-
-def _abort_all(engine) -> None:
-    ids = list(getattr(engine.output_processor, "request_states", {}).keys())
-    if ids:
-        engine.abort_request(ids, internal=True)
-
-
-def _run(conn, engine, on_finished) -> None:
-    """Step the engine until its requests are done; an ``abort`` from the parent drops them."""
-    last = time.monotonic()
-    while engine.has_unfinished_requests():
-        if conn.poll():
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                _abort_all(engine)
-                raise _ParentGone from None
-            if msg[0] in ("abort", "close"):
-                _abort_all(engine)
-                while engine.has_unfinished_requests():
-                    engine.step()
-                if msg[0] == "close":
-                    raise _ParentGone
-                return
-        for output in engine.step():
-            if output.finished:
-                on_finished(output)
-        if time.monotonic() - last > 5.0:
-            conn.send(("tick",))
-            last = time.monotonic()
-
-
-def _request_key(request_id: str) -> tuple[int, int]:
-    key, _, rest = request_id.partition(":")
-    return int(key), int(rest.split("-", 1)[0])
-
-
-def _serve_generate(conn, engine, jobs: list[dict]) -> None:
-    from vllm import SamplingParams
-
-    for job in jobs:
-        prompt = {"prompt_token_ids": job["prompt_token_ids"]}
-        for index, seed in job["samples"]:
-            params = SamplingParams(n=1, temperature=job["temperature"], top_p=job["top_p"], max_tokens=job["max_tokens"],
-                                    stop=job["stop"] or None, seed=seed)
-            engine.add_request(f"{job['key']}:{index}", prompt, params)
-
-    def finished(output) -> None:
-        key, index = _request_key(output.request_id)
-        c = output.outputs[0]
-        conn.send(("sample", key, index, c.text, c.finish_reason, len(c.token_ids)))
-
-    _run(conn, engine, finished)
-
-
-def _serve_probs(conn, engine, items: list[tuple[int, tuple[list[int], list[int]]]]) -> None:
-    from vllm import SamplingParams
-
-    for i, (ids, cand) in items:
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=sorted(set(cand)))
-        engine.add_request(f"{i}:0", {"prompt_token_ids": ids}, params)
-    wanted = dict(items)
-    got: list[tuple[int, list[float]]] = []
-
-    def finished(output) -> None:
-        i, _ = _request_key(output.request_id)
-        logprobs = output.outputs[0].logprobs[0]
-        got.append((i, [math.exp(logprobs[c].logprob) for c in wanted[i][1]]))
-
-    _run(conn, engine, finished)
-    conn.send(("probs", got))
-
-
-if __name__ == "__main__":
-    import sys
-    from multiprocessing.connection import Connection
-
-    worker_main(Connection(int(sys.argv[1])))

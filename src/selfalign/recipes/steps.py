@@ -209,7 +209,7 @@ def generation_dtype(cfg, model: Path, parent: Path | None) -> tuple[str, float 
     from selfalign.engines.hf import pick_device
     from selfalign.models import resolve_dtype
 
-    if cfg.model.dtype != "auto" or parent is None or cfg.engine.kind != "hf":
+    if cfg.model.dtype != "auto" or parent is None or cfg.engine.kind not in ("hf", "vllm"):
         return resolve_dtype(cfg.model.dtype, pick_device(cfg.engine.device)), None
     saved = _saved_dtype(model)
     changed = bf16_changed_fraction(model, parent) if saved == "float32" else None
