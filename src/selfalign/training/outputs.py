@@ -203,6 +203,27 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict) -> str | None:
 # --------------------------------------------------------------------------- running + saving
 
 
+class _NothingLeftToTrain(Exception):
+    """Raised by :func:`_past_max_steps_guard` before a step beyond ``max_steps`` starts."""
+
+
+def _past_max_steps_guard():
+    """A callback that stops a step from starting once ``max_steps`` steps are done.
+
+    The Trainer checks ``max_steps`` only after a step, so a run resumed from a checkpoint
+    saved at its last step (``max_steps`` not a whole number of epochs) would train one step
+    past the end, on data beyond it, and report ``max_steps + 1`` steps.
+    """
+    from transformers import TrainerCallback
+
+    class _Guard(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _NothingLeftToTrain(f"step {state.global_step} of {state.max_steps} is done")
+
+    return _Guard()
+
+
 def run_and_save(
     trainer,
     *,
@@ -230,7 +251,16 @@ def run_and_save(
         if log:
             log(f"resuming from {resume_from} (step {start_step})")
     t_train = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    guard = _past_max_steps_guard()
+    trainer.add_callback(guard)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except _NothingLeftToTrain:
+        # resumed from a checkpoint taken at the last step (a process killed during the final
+        # save): train() restored its weights and state, and that is the trained model
+        pass
+    finally:
+        trainer.remove_callback(guard)
     train_seconds = time.perf_counter() - t_train
 
     state = trainer.state
