@@ -847,7 +847,8 @@ def write_report(run_dir: Path, *, out_dir: Path | None = None, evals: Sequence[
 
     The PNGs are written first (each replaced atomically), figures an earlier report drew that
     no longer apply are removed, and ``index.html`` is written last, atomically: a reader sees
-    the previous page or the new one.  Raises :class:`RunError` if ``run_dir`` is not a run
+    the previous page or the new one (temporary files a killed report left are removed).
+    Raises :class:`RunError` if ``run_dir`` is not a run
     directory (or an ``evals`` entry is not an evaluation result); anything else the run lacks
     is left out of the page.  ``evals`` adds evaluation results kept outside the run directory
     (``selfalign eval judge|winrate`` write to ``runs/eval_*/`` by default): each a
@@ -856,6 +857,10 @@ def write_report(run_dir: Path, *, out_dir: Path | None = None, evals: Sequence[
     data = load_run(Path(run_dir), evals)
     out = Path(out_dir) if out_dir is not None else data.root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a report writer that was killed mid-write
+        name = stale.name[1:].rsplit(".", 2)[0]
+        if name == "index.html" or (name.endswith(".png") and (name[:-4] in FIGURES or name.startswith("hist_"))):
+            stale.unlink(missing_ok=True)
     figs, notes = _figures(data)
     html = render_html(data, figs, notes)
     written = set()
