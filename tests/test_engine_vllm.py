@@ -13,7 +13,6 @@ import importlib.util
 import os
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -21,6 +20,7 @@ from selfalign.config import EngineConfig, GenerateConfig, ModelConfig, load_con
 from selfalign.engines import create_engine
 from selfalign.engines.base import GenerationRequest, SamplingParams
 from selfalign.engines.sampling import row_seed
+from selfalign.engines.vllm_worker import group_alive
 from selfalign.engines.vllm import (
     ResultAssembler,
     VLLMEngine,
@@ -43,15 +43,8 @@ def _chat(rid: str, text: str, params: SamplingParams) -> GenerationRequest:
 
 
 def _group_gone(pgid: int) -> bool:
-    """No live process is left in the process group (zombies waiting for init to reap them do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return False
-    return True
+    """No live process is left in the process group (zombies waiting to be reaped do not count)."""
+    return not group_alive(pgid)
 
 
 # ---------------------------------------------------------------------- config
@@ -260,6 +253,24 @@ def test_next_token_probs_match_the_hf_engine(engine):
     assert got[0] == pytest.approx(want[0], abs=0.05)
     assert max(range(6), key=lambda d: got[0][d]) == max(range(6), key=lambda d: want[0][d])
     assert engine.next_token_probs([], digits) == []
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_next_token_probs_while_a_generate_is_suspended(engine):
+    # the judge stage scores finished judgments while the engine is still generating the rest
+    probe = [([{"role": "user", "content": "Rate this answer from 0 to 5: 'The sky is green.'"}], "Score: ")]
+    digits = [str(d) for d in range(6)]
+    (alone,) = engine.next_token_probs(probe, digits)
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=24, seed=2)
+    reqs = [_chat(f"r{i}", p, params) for i, p in enumerate(PROMPTS)]
+    seen = []
+    for result in engine.generate(reqs):
+        seen.append(result.request.id)
+        assert [s.index for s in result.samples] == [0, 1]
+        (during,) = engine.next_token_probs(probe, digits)
+        assert during == pytest.approx(alone, abs=0.05)
+    assert sorted(seen) == sorted(r.id for r in reqs)
 
 
 @needs_vllm

@@ -34,6 +34,7 @@ import logging
 import os
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -185,7 +186,13 @@ class VLLMEngine(Engine):
         devices = replica_devices(data_parallel_size, tensor_parallel_size, _visible_gpus() if device.startswith("cuda") else [])
         self._workers: list[Worker] = []
         self._finalizer = weakref.finalize(self, stop_all, self._workers)
-        self._busy = False
+        self._generating = False
+        self._gen_busy: set[int] = set()  # ranks of the workers with a generate batch in flight
+        self._probs_busy: set[int] = set()  # ranks of the workers with a probs batch in flight
+        self._assembler = ResultAssembler()
+        self._ready: deque[RequestResult] = deque()  # results not yet yielded by generate
+        self._probs_got: list[tuple[int, list[float]]] = []
+        self._errors: list[tuple[str, str]] = []  # (generate|probs, reason) of refused batches
         try:
             self._workers.extend(Worker(r, args, devices[r]) for r in range(data_parallel_size))
             infos = [self._wait_ready(w, start_timeout_s) for w in self._workers]
@@ -223,6 +230,8 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         """Stop the workers and wait for them to exit, so the device they held is free."""
         self._finalizer()
+        self._gen_busy.clear()
+        self._probs_busy.clear()
 
     def _wait_ready(self, w: Worker, timeout_s: float) -> dict:
         while not w.conn.poll(_POLL_S):
@@ -232,99 +241,112 @@ class VLLMEngine(Engine):
             raise w.failure(f"it could not start vLLM: {payload}")
         return payload
 
-    def _live(self) -> list[Worker]:
+    def _check_open(self) -> None:
         if not self._workers:
             raise EngineError("the vllm engine is closed")
-        if self._busy:
-            raise EngineError("the vllm engine is already generating; finish or close the first generator before starting another")
-        return self._workers
+
+    # ------------------------------------------------------------------ the message pump
+    def _pump(self) -> None:
+        """Wait up to a second for messages from the busy workers and route them: finished samples
+        to the running ``generate``, probabilities to the waiting ``next_token_probs``. A worker that
+        died or went silent closes the engine and raises."""
+        from multiprocessing.connection import wait
+
+        busy = [w for w in self._workers if w.rank in self._gen_busy or w.rank in self._probs_busy]
+        try:
+            for conn in wait([w.conn for w in busy], timeout=_POLL_S):
+                w = next(x for x in busy if x.conn is conn)
+                kind, *rest = w.recv()
+                if kind == "sample":
+                    result = self._assembler.add(rest[0], to_sample(*rest[1:]))
+                    if result is not None:
+                        self._ready.append(result)
+                elif kind == "done":
+                    self._gen_busy.discard(w.rank)
+                elif kind == "probs":
+                    self._probs_busy.discard(w.rank)
+                    self._probs_got.extend(rest[0])
+                elif kind == "error":  # vLLM refused a batch; the worker dropped it and stays usable
+                    what, reason = rest
+                    (self._gen_busy if what == "generate" else self._probs_busy).discard(w.rank)
+                    self._errors.append((what, f"vLLM worker {w.rank} refused a {what} batch: {reason}"))
+            for w in busy:
+                w.check(self.worker_timeout_s, "working")
+        except EngineError:
+            self.close()
+            raise
+
+    def _raise_refused(self, what: str) -> None:
+        mine = [m for kind, m in self._errors if kind == what]
+        if mine:
+            self._errors = [(k, m) for k, m in self._errors if k != what]
+            raise EngineError(mine[0])
 
     # ------------------------------------------------------------------ generate
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestResult]:
+        """Yield one result per request as its samples finish. ``next_token_probs`` may be called
+        while this generator is suspended (the judge scores finished judgments as they come)."""
         from selfalign.engines.hf import encode_request
 
-        workers = self._live()
-        it = iter(requests)
-        key = 0
-        while True:
-            chunk: list[tuple[int, GenerationRequest, list[int]]] = []
-            sequences = 0
-            for req in it:
-                chunk.append((key, req, encode_request(self.tokenizer, req, self.model_dir)))
-                key += 1
-                sequences += req.params.n
-                if sequences >= CHUNK_SEQUENCES:
-                    break
-            if not chunk:
-                return
-            jobs, errors = plan_jobs(chunk, self.max_model_len)
-            yield from errors
-            assembler = ResultAssembler()
-            by_key = {k: (req, len(ids)) for k, req, ids in chunk}
-            for job in jobs:
-                assembler.expect(job["key"], *by_key[job["key"]])
-            yield from self._exchange(workers, [("generate", share) for share in split_jobs(jobs, len(workers))], assembler)
-
-    def _exchange(self, workers: list[Worker], messages: list[tuple], assembler: ResultAssembler | None,
-                  replies: dict | None = None) -> Iterator[RequestResult]:
-        """Send each worker its message and relay what comes back until every worker said ``done``."""
-        from multiprocessing.connection import wait
-
-        active = {w.conn: w for w, m in zip(workers, messages) if m[1]}
-        for w, m in zip(workers, messages):
-            if m[1]:
-                w.send(m)
-                w.last_heard = time.monotonic()
-        self._busy = True
-        finished = False
+        self._check_open()
+        if self._generating:
+            raise EngineError("the vllm engine is already generating; finish or close the first generator before starting another")
+        self._generating = True
         try:
-            while active:
-                for conn in wait(list(active), timeout=_POLL_S):
-                    w = active[conn]
-                    kind, *rest = w.recv()
-                    if kind == "sample":
-                        result = assembler.add(rest[0], to_sample(*rest[1:]))
-                        if result is not None:
-                            yield result
-                    elif kind == "probs":
-                        replies[w.rank] = rest[0]
-                    elif kind == "done":
-                        del active[conn]
-                    elif kind == "error":  # vLLM refused a request; the worker dropped its batch and is idle
-                        del active[conn]
-                        finished = True
-                        self._abort(active)
-                        raise EngineError(f"vLLM worker {w.rank} failed on a batch: {rest[0]}")
-                for w in active.values():
-                    w.check(self.worker_timeout_s, "generating")
-            finished = True
-        except EngineError:
-            if not finished:  # a worker died or hung: the others cannot finish the chunk alone
-                finished = True
-                self.close()
-            raise
+            it = iter(requests)
+            key = 0
+            while True:
+                chunk: list[tuple[int, GenerationRequest, list[int]]] = []
+                sequences = 0
+                for req in it:
+                    chunk.append((key, req, encode_request(self.tokenizer, req, self.model_dir)))
+                    key += 1
+                    sequences += req.params.n
+                    if sequences >= CHUNK_SEQUENCES:
+                        break
+                if not chunk:
+                    return
+                jobs, errors = plan_jobs(chunk, self.max_model_len)
+                yield from errors
+                self._check_open()
+                self._assembler = ResultAssembler()
+                by_key = {k: (req, len(ids)) for k, req, ids in chunk}
+                for job in jobs:
+                    self._assembler.expect(job["key"], *by_key[job["key"]])
+                for w, share in zip(self._workers, split_jobs(jobs, len(self._workers))):
+                    if share:
+                        w.send(("generate", share))
+                        w.last_heard = time.monotonic()
+                        self._gen_busy.add(w.rank)
+                while self._gen_busy or self._ready:
+                    if self._ready:
+                        yield self._ready.popleft()
+                        continue
+                    self._pump()
+                    if any(kind == "generate" for kind, _ in self._errors):
+                        self._abort_generate()
+                        self._raise_refused("generate")
         finally:
-            if not finished:  # the consumer stopped early (or an interrupt): cancel what is in flight
-                self._abort(active)
-            self._busy = False
+            if self._gen_busy:  # the consumer stopped early (or an error): cancel what is in flight
+                self._abort_generate()
+            self._ready.clear()
+            self._generating = False
 
-    def _abort(self, active: dict) -> None:
-        """Ask the workers still busy to drop their requests, and drain them until they say ``done``."""
+    def _abort_generate(self) -> None:
+        """Ask the workers still generating to drop their requests, and drain them until they say ``done``."""
         try:
-            for w in active.values():
-                w.send(("abort",))
+            for w in self._workers:
+                if w.rank in self._gen_busy:
+                    w.send(("abort",))
             deadline = time.monotonic() + _STOP_WAIT_S
-            for conn, w in list(active.items()):
-                while time.monotonic() < deadline:
-                    if conn.poll(_POLL_S) and w.recv()[0] in ("done", "error"):
-                        break
-                    if not w.alive():
-                        break
-                else:
-                    raise w.failure("it did not stop after an abort")
+            while self._gen_busy and time.monotonic() < deadline:
+                self._pump()
+            if self._gen_busy:
+                raise EngineError(f"vLLM worker(s) {sorted(self._gen_busy)} did not stop within {_STOP_WAIT_S:g}s of an abort")
         except EngineError as e:
-            log.warning("vllm engine: %s", e)
+            log.warning("vllm engine: %s; closing it", e)
             self.close()
+        self._ready.clear()
 
     # ------------------------------------------------------------------ next-token probabilities
     def next_token_probs(self, prompts, candidates) -> list[list[float]]:
@@ -333,23 +355,28 @@ class VLLMEngine(Engine):
         the whole vocabulary, as in the ``hf`` engine)."""
         from selfalign.engines.hf import assistant_prefix_text, prefix_and_candidate_ids
 
-        workers = self._live()
+        self._check_open()
         items = []
         for messages, prefix in prompts:
             ids, cand = prefix_and_candidate_ids(self.tokenizer, assistant_prefix_text(self.tokenizer, messages, prefix), candidates)
             items.append((ids, cand))
         if not items:
             return []
-        shares: list[list[tuple[int, tuple]]] = [[] for _ in workers]
+        shares: list[list[tuple[int, tuple]]] = [[] for _ in self._workers]
         for i, item in enumerate(items):
-            shares[i % len(workers)].append((i, item))
-        replies: dict[int, list] = {}
-        for _ in self._exchange(workers, [("probs", s) for s in shares], None, replies):
-            pass
+            shares[i % len(self._workers)].append((i, item))
+        self._probs_got = []
+        for w, share in zip(self._workers, shares):
+            if share:
+                w.send(("probs", share))
+                w.last_heard = time.monotonic()
+                self._probs_busy.add(w.rank)
+        while self._probs_busy:
+            self._pump()
+        self._raise_refused("probs")
         out: list[list[float]] = [[] for _ in items]
-        for got in replies.values():
-            for i, probs in got:
-                out[i] = probs
+        for i, probs in self._probs_got:
+            out[i] = probs
         return out
 
 

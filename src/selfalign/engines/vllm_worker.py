@@ -6,12 +6,14 @@ and child talk over a ``multiprocessing`` pipe whose child end is the inherited 
 Everything the child prints, vLLM's logs included, goes to a log file whose tail ends up in the
 error when the worker fails.
 
-Messages, parent to child: ``("start", llm_kwargs)`` once, then ``("generate", jobs)``,
-``("probs", items)``, ``("abort",)`` while a batch runs, and ``("close",)``. Child to parent:
-``("ready", info)`` or ``("fatal", reason)`` after start; per batch any number of
-``("sample", key, index, text, finish_reason, completion_tokens)`` and ``("tick",)`` (a sign of
-life every 5 s), then ``("probs", list)`` for a probs batch, and finally ``("done",)``, or
-``("error", reason)`` when vLLM refused the batch (the worker dropped it and stays usable).
+Messages, parent to child: ``("start", llm_kwargs)`` once, then ``("generate", jobs)`` (one
+batch at a time), ``("probs", items)`` (any time, also while a generate batch runs),
+``("abort",)`` to drop the generate batch, and ``("close",)``. Child to parent: ``("ready",
+info)`` or ``("fatal", reason)`` after start; ``("sample", key, index, text, finish_reason,
+completion_tokens)`` per finished sample and ``("done",)`` when the generate batch is finished
+or aborted; ``("probs", [(position, probabilities)])`` per probs batch; ``("error", "generate"
+| "probs", reason)`` when vLLM refused a batch (the worker dropped it and stays usable); and
+``("tick",)``, a sign of life every 5 s while it works.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class Worker:
         self.conn.close()
 
     def kill(self) -> None:
-        """SIGKILL the worker's process group (vLLM's own engine and executor processes are in it)."""
+        """SIGKILL the worker's process group (vLLM's own engine and executor processes are in it)
+        and wait until none of them is alive, so the device memory they held is released."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
@@ -118,6 +121,30 @@ class Worker:
             self.proc.wait(10)
         except Exception:  # noqa: BLE001
             pass
+        deadline = time.monotonic() + 30
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still alive (zombies waiting to be reaped do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: the group exists while any member does
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def log_tail(path: str, lines: int = 25) -> str:
@@ -138,14 +165,11 @@ def stop_all(workers: list[Worker]) -> None:
     workers.clear()
 
 
-class _ParentGone(Exception):
-    pass
-
-
 def worker_main(conn) -> None:
     """The worker: load vLLM with the arguments of the parent's ``start`` message, then serve
-    ``generate``/``probs`` until ``close`` (or until the parent's end of the pipe closes)."""
-    kind, llm_args = conn.recv()
+    ``generate``/``probs`` batches (both may be in flight together) until ``close`` or until the
+    parent's end of the pipe closes."""
+    _, llm_args = conn.recv()
     try:
         import vllm
 
@@ -158,104 +182,122 @@ def worker_main(conn) -> None:
         traceback.print_exc()
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
+    server = _Server(conn, engine)
     try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break  # the parent is gone
-            if msg[0] == "close":
-                break
-            try:
-                if msg[0] == "generate":
-                    _serve_generate(conn, engine, msg[1])
-                elif msg[0] == "probs":
-                    _serve_probs(conn, engine, msg[1])
-                conn.send(("done",))
-            except _ParentGone:
-                break
-            except Exception as e:  # noqa: BLE001 - reported, the worker stays usable
-                import traceback
-
-                traceback.print_exc()
-                _abort_all(engine)
-                conn.send(("error", f"{type(e).__name__}: {e}"))
+        server.serve()
     finally:
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if shutdown is not None:
             shutdown()
 
 
-def _abort_all(engine) -> None:
-    ids = list(getattr(engine.output_processor, "request_states", {}).keys())
-    if ids:
-        engine.abort_request(ids, internal=True)
+class _Server:
+    """Feeds the parent's batches to vLLM's engine and steps it, sending back what finishes.
 
+    vLLM request ids: ``g<key>:<sample index>`` for generation, ``p<batch>:<position>`` for
+    next-token probabilities (vLLM appends its own ``-<random>`` suffix internally)."""
 
-def _run(conn, engine, on_finished) -> None:
-    """Step the engine until its requests are done; an ``abort`` from the parent drops them."""
-    last = time.monotonic()
-    while engine.has_unfinished_requests():
-        if conn.poll():
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                _abort_all(engine)
-                raise _ParentGone from None
-            if msg[0] in ("abort", "close"):
-                _abort_all(engine)
-                while engine.has_unfinished_requests():
-                    engine.step()
+    def __init__(self, conn, engine) -> None:
+        self.conn, self.engine = conn, engine
+        self.gen_left = 0  # samples of the generate batch still running
+        self.probes: dict[int, dict] = {}  # probs batch -> {"left", "got", "cands"}
+        self.next_batch = 0
+
+    def serve(self) -> None:
+        last = time.monotonic()
+        while True:
+            idle = not self.engine.has_unfinished_requests()
+            while idle or self.conn.poll():
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):
+                    return  # the parent is gone
                 if msg[0] == "close":
-                    raise _ParentGone
-                return
-        for output in engine.step():
-            if output.finished:
-                on_finished(output)
-        if time.monotonic() - last > 5.0:
-            conn.send(("tick",))
-            last = time.monotonic()
+                    return
+                self.handle(msg)
+                idle = not self.engine.has_unfinished_requests()
+            for output in self.engine.step():
+                if output.finished:
+                    self.finished(output)
+            if time.monotonic() - last > 5.0:
+                self.conn.send(("tick",))
+                last = time.monotonic()
 
+    def handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "generate":
+            try:
+                self.add_generate(msg[1])
+            except Exception as e:  # noqa: BLE001 - vLLM refused a request: drop the batch, stay usable
+                self.refuse("generate", "g", e)
+        elif kind == "probs":
+            batch = self.next_batch
+            self.next_batch += 1
+            try:
+                self.add_probs(batch, msg[1])
+            except Exception as e:  # noqa: BLE001
+                self.probes.pop(batch, None)
+                self.refuse("probs", f"p{batch}:", e)
+        elif kind == "abort":
+            self.abort("g")
+            self.gen_left = 0
+            self.conn.send(("done",))
 
-def _request_key(request_id: str) -> tuple[int, int]:
-    key, _, rest = request_id.partition(":")
-    return int(key), int(rest.split("-", 1)[0])
+    def refuse(self, what: str, prefix: str, e: Exception) -> None:
+        import traceback
 
+        traceback.print_exc()
+        self.abort(prefix)
+        if what == "generate":
+            self.gen_left = 0
+        self.conn.send(("error", what, f"{type(e).__name__}: {e}"))
 
-def _serve_generate(conn, engine, jobs: list[dict]) -> None:
-    from vllm import SamplingParams
+    def abort(self, prefix: str) -> None:
+        ids = [rid for rid in getattr(self.engine.output_processor, "request_states", {}) if rid.startswith(prefix)]
+        if ids:
+            self.engine.abort_request(ids, internal=True)
 
-    for job in jobs:
-        prompt = {"prompt_token_ids": job["prompt_token_ids"]}
-        for index, seed in job["samples"]:
-            params = SamplingParams(n=1, temperature=job["temperature"], top_p=job["top_p"], max_tokens=job["max_tokens"],
-                                    stop=job["stop"] or None, seed=seed)
-            engine.add_request(f"{job['key']}:{index}", prompt, params)
+    def add_generate(self, jobs: list[dict]) -> None:
+        from vllm import SamplingParams
 
-    def finished(output) -> None:
-        key, index = _request_key(output.request_id)
+        added = 0
+        for job in jobs:
+            prompt = {"prompt_token_ids": job["prompt_token_ids"]}
+            for index, seed in job["samples"]:
+                params = SamplingParams(n=1, temperature=job["temperature"], top_p=job["top_p"], max_tokens=job["max_tokens"],
+                                        stop=job["stop"] or None, seed=seed)
+                self.engine.add_request(f"g{job['key']}:{index}", prompt, params)
+                added += 1
+        self.gen_left += added
+        if not added:
+            self.conn.send(("done",))
+
+    def add_probs(self, batch: int, items: list[tuple[int, tuple[list[int], list[int]]]]) -> None:
+        from vllm import SamplingParams
+
+        self.probes[batch] = {"left": len(items), "got": [], "cands": {i: cand for i, (_, cand) in items}}
+        for i, (ids, cand) in items:
+            params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=sorted(set(cand)))
+            self.engine.add_request(f"p{batch}:{i}", {"prompt_token_ids": ids}, params)
+
+    def finished(self, output) -> None:
+        rid = output.request_id
+        a, _, b = rid[1:].partition(":")
+        first, second = int(a), int(b.split("-", 1)[0])
         c = output.outputs[0]
-        conn.send(("sample", key, index, c.text, c.finish_reason, len(c.token_ids)))
-
-    _run(conn, engine, finished)
-
-
-def _serve_probs(conn, engine, items: list[tuple[int, tuple[list[int], list[int]]]]) -> None:
-    from vllm import SamplingParams
-
-    for i, (ids, cand) in items:
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=sorted(set(cand)))
-        engine.add_request(f"{i}:0", {"prompt_token_ids": ids}, params)
-    wanted = dict(items)
-    got: list[tuple[int, list[float]]] = []
-
-    def finished(output) -> None:
-        i, _ = _request_key(output.request_id)
-        logprobs = output.outputs[0].logprobs[0]
-        got.append((i, [math.exp(logprobs[c].logprob) for c in wanted[i][1]]))
-
-    _run(conn, engine, finished)
-    conn.send(("probs", got))
+        if rid.startswith("g"):
+            self.conn.send(("sample", first, second, c.text, c.finish_reason, len(c.token_ids)))
+            self.gen_left -= 1
+            if self.gen_left == 0:
+                self.conn.send(("done",))
+            return
+        probe = self.probes[first]
+        logprobs = c.logprobs[0]
+        probe["got"].append((second, [math.exp(logprobs[t].logprob) for t in probe["cands"][second]]))
+        probe["left"] -= 1
+        if probe["left"] == 0:
+            del self.probes[first]
+            self.conn.send(("probs", probe["got"]))
 
 
 if __name__ == "__main__":
