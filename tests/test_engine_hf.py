@@ -66,9 +66,43 @@ def test_n_samples_share_one_prefill(tiny):
         list(tiny.generate(_reqs(SamplingParams(n=4, temperature=1.0, max_new_tokens=3, seed=0), PROMPTS[:2])))
     finally:
         spy.remove()
-    prefill, first_decode = spy.shapes[0], spy.shapes[1]
-    assert prefill[0] == 2 and prefill[1] > 1  # two prompts, prefilled once each
-    assert first_decode == (8, 1)  # then 2 x 4 sample rows decode one token at a time
+    prefills = [s for s in spy.shapes if s[1] > 1]
+    decodes = [s for s in spy.shapes if s[1] == 1]
+    # the chat template's shared prefix once for one row, then each prompt's rest: never a row per sample
+    assert prefills[0][0] == 1 and sum(b for b, _ in prefills[1:]) == 2
+    assert decodes[0] == (8, 1)  # then 2 x 4 sample rows decode one token at a time
+
+
+def test_shared_prefix_and_length_chunks_give_the_one_by_one_text(tiny_model_dir, tiny):
+    # prompts share the chat template's system turn; their other lengths differ enough to prefill in chunks
+    prompts = ["Hi.", *PROMPTS, "Tell me, in detail and with examples, " * 6 + "why the sky is blue."]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    spy = ForwardSpy(tiny.model)
+    try:
+        together = _texts(tiny, _reqs(greedy, prompts))
+    finally:
+        spy.remove()
+    prefills = [s for s in spy.shapes if s[1] > 1]
+    assert prefills[0][0] == 1 and len(prefills) >= 3  # one shared prefix, then at least two suffix chunks
+    assert sum(b for b, _ in prefills[1:]) == len(prompts)
+    one_by_one = _texts(HFEngine(tiny_model_dir, dtype="float32", max_batch_size=1), _reqs(greedy, prompts))
+    assert together == one_by_one
+
+
+def test_prefill_with_shared_prefix_and_chunks_matches_each_prompt_alone(tiny):
+    prompts = ["Hi.", *PROMPTS, "Tell me, in detail and with examples, " * 6 + "why the sky is blue."]
+    reqs = _reqs(SamplingParams(max_new_tokens=4), prompts)
+    (batch,) = tiny._plan([(i, r, tiny.encode(r)) for i, r in enumerate(reqs)])
+    with torch.inference_mode():
+        cache, logits, mask, next_pos = tiny._prefill(batch)
+        step = logits.argmax(-1)  # then one decode step on the shared cache
+        mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+        out = tiny.model(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+        for row, job in enumerate(batch):
+            alone = tiny.model(input_ids=torch.tensor([[*job.prompt_ids, int(step[row])]])).logits[0, -2:]
+            assert torch.allclose(logits[row], alone[0], atol=1e-4), job.request.id
+            assert torch.allclose(out.logits[row, -1], alone[1], atol=1e-4), job.request.id
+    assert next_pos.tolist() == [len(j.prompt_ids) for j in batch]
 
 
 def test_batches_respect_max_batch_size_and_are_length_sorted(tiny_model_dir):
@@ -81,8 +115,13 @@ def test_batches_respect_max_batch_size_and_are_length_sorted(tiny_model_dir):
     assert len(results) == len(PROMPTS)
     prefills = [s for s in spy.shapes if s[1] > 1]
     assert all(b * 2 <= 4 for b, _ in prefills)
-    widths = [w for _, w in prefills]
-    assert widths == sorted(widths, reverse=True)  # longest prompts first
+    decodes = [b for b, w in spy.shapes if w == 1]
+    assert max(decodes) <= 4
+    reqs = _reqs(SamplingParams(n=2, max_new_tokens=2))
+    batches = eng._plan([(i, r, eng.encode(r)) for i, r in enumerate(reqs)])
+    lengths = [len(j.prompt_ids) for b in batches for j in b]
+    assert lengths == sorted(lengths, reverse=True)  # longest prompts first
+    assert all(sum(len(j.sample_indices) for j in b) <= 4 for b in batches)
 
 
 def test_results_stream_before_later_batches_run(tiny_model_dir):

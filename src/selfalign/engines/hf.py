@@ -29,11 +29,14 @@ from pathlib import Path
 import torch
 
 from selfalign.engines.base import Engine, GenerationRequest, RequestResult, Sample
+from selfalign.engines.kvcache import buffer_cache, common_prefix, copy_prefix, set_window
 from selfalign.engines.sampling import make_generator, row_seed, sample_next
 from selfalign.errors import EngineError
 
 # prune finished sequences from the batch once this share of rows is done
 _PRUNE_FRACTION = 0.25
+_SHARED_PREFIX_MIN = 8  # share a common prompt prefix across a batch when at least this long
+_BUCKET_RATIO = 0.7  # a prefill chunk ends where a suffix is shorter than this share of the chunk's longest
 
 
 @dataclass
@@ -77,6 +80,7 @@ class HFEngine(Engine):
         max_batch_tokens: int = 32768,
         threads: int | None = None,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -92,18 +96,34 @@ class HFEngine(Engine):
         self.max_batch_tokens = max_batch_tokens
         if self.device == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
+        # weights from safetensors only: never unpickle a .bin file
+        load = {"dtype": getattr(torch, self.dtype), "trust_remote_code": trust_remote_code, "use_safetensors": True}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.model_dir, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code,
-                use_safetensors=True,  # weights from safetensors only: never unpickle a .bin file
-            ).to(self.device)
+            self.model = self._load_model(AutoModelForCausalLM, load, attn_implementation)
         except OSError as e:
             raise EngineError(f"could not load model from {self.model_dir}: {e}") from None
         self.model.eval()
         self.pad_id = self._pad_id()
         self.eos_ids = self._eos_ids()
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
+
+    def _load_model(self, auto_cls, load: dict, attn_implementation: str | None):
+        """Load the model; on CPU with the grouped decode attention unless ``attn_implementation`` names another.
+
+        The grouped decode attention (:mod:`selfalign.engines.attention`) makes a CPU decode step
+        several times faster than transformers' ``sdpa``; a model class that does not go through
+        transformers' attention interface is loaded with its default attention instead.
+        """
+        if attn_implementation is None and self.device == "cpu":
+            from selfalign.engines.attention import ATTN_IMPLEMENTATION
+
+            try:
+                return auto_cls.from_pretrained(self.model_dir, attn_implementation=ATTN_IMPLEMENTATION, **load).to(self.device)
+            except (ValueError, KeyError, NotImplementedError):
+                pass  # this architecture does not take registered attention functions
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        return auto_cls.from_pretrained(self.model_dir, **extra, **load).to(self.device)
 
     @classmethod
     def from_config(cls, model_cfg, engine_cfg) -> HFEngine:
@@ -123,6 +143,10 @@ class HFEngine(Engine):
 
     def describe(self) -> dict:
         return {"engine": "hf", "model": str(self.model_dir), "dtype": self.dtype, "device": self.device}
+
+    @property
+    def attn_implementation(self) -> str | None:
+        return getattr(self.model.config, "_attn_implementation", None) if self.model is not None else None
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -200,8 +224,60 @@ class HFEngine(Engine):
                     samples = tuple(got[i] for i in range(job.request.params.n))
                     yield RequestResult(job.request, samples, prompt_tokens=len(job.prompt_ids))
 
-    @torch.inference_mode()
-    def _run_batch(self, jobs: list[_Job]) -> Iterator[tuple[_Job, list[_Row]]]:
+    def _prefill(self, jobs: list[_Job]):
+        """Run the prompts of ``jobs``; return (cache, last-token logits, 2D attention mask, next positions).
+
+        With a buffer cache (:func:`~selfalign.engines.kvcache.buffer_cache`): the prefix all prompts share (the chat
+        template's system turn, a judge rubric, ...) is computed once for one row and copied to
+        the others; the rest of each prompt (its suffix) is prefilled in chunks of similar length,
+        right-aligned after a masked gap so that every row's next token lands in the same column.
+        Row layout: ``[shared prefix | gap | suffix]``. Otherwise one left-padded prefill.
+        """
+        dev = self.device
+        ids = [j.prompt_ids for j in jobs]
+        max_new = max(j.request.params.max_new_tokens for j in jobs)
+        shared = common_prefix(ids) if len(jobs) > 1 else 0
+        shared = min(shared, min(len(x) for x in ids) - 1)  # every row keeps a token to predict from
+        if shared < _SHARED_PREFIX_MIN:
+            shared = 0
+        width = max(len(x) for x in ids) - shared  # longest suffix
+        cache = buffer_cache(self.model.config, len(jobs), shared + width + max_new)
+        if cache is None:
+            return self._prefill_padded(jobs)
+        mask = torch.zeros((len(jobs), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        if shared:
+            set_window(cache, slice(0, 1), 0)
+            self.model(input_ids=torch.tensor([ids[0][:shared]], device=dev), position_ids=torch.arange(shared, device=dev).unsqueeze(0),
+                       attention_mask=torch.ones((1, shared), dtype=torch.long, device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            copy_prefix(cache, shared)
+        logits = []
+        for a, b in self._suffix_chunks([len(x) - shared for x in ids]):
+            w = len(ids[a]) - shared  # jobs are sorted longest first: the chunk's widest suffix
+            chunk = torch.full((b - a, w), self.pad_id, dtype=torch.long)
+            for r in range(a, b):
+                suffix = ids[r][shared:]
+                chunk[r - a, w - len(suffix) :] = torch.tensor(suffix)
+                mask[r, shared + width - len(suffix) :] = 1
+            pos = shared + (mask[a:b, shared + width - w :].cumsum(-1) - 1).clamp(min=0)
+            set_window(cache, slice(a, b), shared + width - w)
+            out = self.model(input_ids=chunk.to(dev), attention_mask=mask[a:b].to(dev), position_ids=pos.to(dev),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits.append(out.logits[:, -1, :])
+        set_window(cache, slice(None), shared + width)
+        next_pos = torch.tensor([len(x) for x in ids], device=dev)
+        return cache, torch.cat(logits), mask.to(dev), next_pos
+
+    def _suffix_chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
+        """Split rows (sorted longest first) into ranges whose suffixes pad little and fit ``max_batch_tokens``."""
+        chunks, a = [], 0
+        for r in range(1, len(lengths) + 1):
+            if r == len(lengths) or lengths[r] < _BUCKET_RATIO * lengths[a] or (r + 1 - a) * lengths[a] > self.max_batch_tokens:
+                chunks.append((a, r))
+                a = r
+        return chunks
+
+    def _prefill_padded(self, jobs: list[_Job]):
         from transformers import DynamicCache
 
         dev = self.device
@@ -214,14 +290,13 @@ class HFEngine(Engine):
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1, :], mask, positions[:, -1] + 1
+
+    @torch.inference_mode()
+    def _run_batch(self, jobs: list[_Job]) -> Iterator[tuple[_Job, list[_Row]]]:
+        dev = self.device
+        cache, first_logits, mask, next_pos = self._prefill(jobs)
         # one row per sample: repeat each prompt's cache row for its samples
         rows: list[_Row] = []
         src: list[int] = []
@@ -232,9 +307,9 @@ class HFEngine(Engine):
                 src.append(i)
         src_t = torch.tensor(src, device=dev)
         cache.batch_select_indices(src_t)
-        logits = out.logits[:, -1, :].index_select(0, src_t)
+        logits = first_logits.index_select(0, src_t)
         mask = mask.index_select(0, src_t)
-        next_pos = positions[:, -1].index_select(0, src_t) + 1
+        next_pos = next_pos.index_select(0, src_t)
         temperature = torch.tensor([r.job.request.params.temperature for r in rows], dtype=torch.float32)
         top_p = torch.tensor([r.job.request.params.top_p for r in rows], dtype=torch.float32)
         slots = list(range(len(rows)))  # cache row -> row number (finished rows linger until pruned)
