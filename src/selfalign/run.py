@@ -56,6 +56,8 @@ MANIFEST_FORMAT = 1
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 SUPERSEDED = ".superseded"
 _NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# the temporary file of an atomic write of config.yaml / manifest.json that a kill interrupted
+_LEFTOVER = re.compile(r"^\.(?:config\.yaml|manifest\.json)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def _package_versions() -> dict[str, str | None]:
@@ -140,6 +142,7 @@ class Run:
                 f"run directory {root}: the config changed ({', '.join(keys)}) and that affects stages "
                 f"that already ran ({', '.join(remaining)}); {hint}, or use a new run directory"
             )
+        cls._remove_leftovers(root)
         run = cls(root, config, manifest)
         if reset:
             run._supersede(reset)
@@ -151,16 +154,25 @@ class Run:
 
     @staticmethod
     def _is_fresh(root: Path) -> bool:
-        """No directory, an empty one, or one interrupted during creation (config.yaml only)."""
+        """No directory, an empty one, or one interrupted during creation (config.yaml and the
+        temporary files of its first config or manifest write at most)."""
         if not root.exists():
             return True
         if not root.is_dir():
             raise RunError(f"run directory {root} exists and is not a directory")
-        return all(p.name == "config.yaml" or p.name.startswith(".config.yaml.") for p in root.iterdir())
+        return all(p.name == "config.yaml" or _LEFTOVER.match(p.name) for p in root.iterdir())
+
+    @staticmethod
+    def _remove_leftovers(root: Path) -> None:
+        """Delete the temporary files of config/manifest writes that a killed process left."""
+        for p in root.iterdir():
+            if _LEFTOVER.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
     @classmethod
     def _create(cls, root: Path, config: dict) -> Run:
         root.mkdir(parents=True, exist_ok=True)
+        cls._remove_leftovers(root)
         now = utc_now()
         manifest = {
             "format": MANIFEST_FORMAT,
