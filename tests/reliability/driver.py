@@ -17,8 +17,8 @@ killed, so a kill lands exactly there: part-way through a JSONL batch (``torn``)
 batch's ``write`` but before its fsync (``unsynced``), between two complete fsynced batches
 (``between``), after a ``.done`` marker but before the manifest records the stage done
 (``done_marker``), after or in the middle of a training checkpoint (``checkpoint_saved``,
-``checkpoint_partial``), inside the final model save (``final_save``), or half-way through a
-report file (``report_write``). ``{"kind": "slow", "delay": s}`` only slows the scripted engine
+``checkpoint_partial``), inside the final model save (``final_save``), half-way through the
+run's manifest (``manifest_write``) or half-way through a report file (``report_write``). ``{"kind": "slow", "delay": s}`` only slows the scripted engine
 down so the parent can kill at a number of records on disk. The hooks are monkeypatches made
 here, in the child; production modules carry no test-only code.
 """
@@ -331,7 +331,7 @@ def real_respond(run_dir: Path, model: Path) -> dict:
     cfg = self_rewarding_config(run_dir, respond={"n": 3, "max_new_tokens": 12}, engine={"max_batch_size": 4})
     run = Run.open(run_dir, cfg.model_dump(mode="json"))
     seed = load_seed_data(cfg.seed_data)
-    prompts = [Prompt(id=r["id"], messages=(r["messages"][0],), source="seed") for r in seed.ift[:7]]
+    prompts = [Prompt(id=r["id"], messages=(r["messages"][0],), source="seed") for r in seed.ift[:6]]
     stage = run.stage("iter_1/respond", depends_on=SEED_KEYS + sr.ITER_KEYS)
     holder: dict = {}
 
@@ -519,6 +519,29 @@ def install_hook(hook: dict, stack: ExitStack) -> None:
             _stop(marker, {"kind": kind, "tmp": str(directory)})  # ... but neither marked nor renamed
 
         stack.enter_context(mock.patch.object(outputs, "_fsync_files", fsync_files))
+        return
+    if kind == "manifest_write":
+        import tempfile
+
+        from selfalign import run as run_mod
+
+        real_json, saves = run_mod.atomic_write_json, {"n": 0}
+
+        def atomic_write_json(path, obj):
+            path = Path(path)
+            if path.name == "manifest.json":
+                saves["n"] += 1
+                if saves["n"] == hook["write"]:  # half of the new manifest is in its temporary file
+                    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+                    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(text[: len(text) // 2])
+                        f.flush()
+                        os.fsync(f.fileno())
+                    _stop(marker, {"kind": kind, "tmp": tmp, "save": saves["n"]})
+            return real_json(path, obj)
+
+        stack.enter_context(mock.patch.object(run_mod, "atomic_write_json", atomic_write_json))
         return
     if kind == "report_write":
         import tempfile

@@ -176,6 +176,9 @@ def check_markers_and_manifest(run_dir: Path) -> dict:
       ``.done`` marker; a model directory: ``training.json`` present);
     * a stage whose output has no valid marker is not done in the manifest.
     """
+    if not (run_dir / "manifest.json").exists():  # killed while the run directory was being created
+        assert not jsonl_files(run_dir), f"{run_dir}: stage outputs but no manifest"
+        return {}
     stages = manifest(run_dir)["stages"]
     for marker in run_dir.rglob("*.jsonl.done"):
         if marker.relative_to(run_dir).parts[0] in SKIP_DIRS:

@@ -72,6 +72,10 @@ def _done_marker(rel: str) -> dict:
     return {"label": ".done before manifest", "target": rel, "hook": {"kind": "done_marker", "file": rel}}
 
 
+def _manifest(save: int) -> dict:
+    return {"label": f"inside manifest save #{save}", "target": None, "hook": {"kind": "manifest_write", "write": save}}
+
+
 def _at_records(run: Path, rel: str, n: int, r, delay: float = 0.01) -> dict:
     return {"label": f"at {n} records", "target": rel, "hook": {"kind": "slow", "delay": delay},
             "until": lines_at_least(run / rel, n), "after": round(r.uniform(0.0, 0.02), 4)}
@@ -167,6 +171,8 @@ def test_meta_rewarding_meta_judge_elo_and_length_control(tmp_path, crash_table)
     driver.run_scenario("meta_rewarding", ref)
     M, JP, AP = f"{IT}/meta_judge.jsonl", f"{IT}/judge_pairs.jsonl", f"{IT}/actor_pairs.jsonl"
     plan = [
+        ("run manifest", _manifest(1)),
+        ("run manifest", _manifest(r.randint(2, 6))),
         ("meta-judge (comparisons)", _at_records(run, M, r.randint(5, 90), r)),
         ("meta-judge (comparisons)", _torn(M, r.randint(1, 8), r)),
         ("judge pairs (Elo)", _torn(JP, 1, r)),
@@ -178,6 +184,8 @@ def test_meta_rewarding_meta_judge_elo_and_length_control(tmp_path, crash_table)
         stage_of[id(_kill("meta_rewarding", run, kills, **kw))] = stage
     driver.run_scenario("meta_rewarding", run)
     check_resumed(run, kills)
+    leftovers = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+    assert not leftovers, f"temporary files of killed manifest saves left in {run}: {leftovers}"
     comparisons = list(read_jsonl(run / M))
     assert len(comparisons) == manifest(run)["stages"][f"{IT}/meta_judge"]["counts"]["comparisons"]
     reference = {
@@ -281,6 +289,13 @@ def _weights(model_dir: Path) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].allclose(wb[name], rtol=1e-4, atol=1e-6), f"{name}: the resumed model differs from the uninterrupted one"
+
+
 def test_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_model_dir, crash_table):
     """Seed SFT (recipes.steps.sft_step, tiny model, 6 steps, a checkpoint every 2): killed after
     a checkpoint, then inside the next one; the rerun drops the partial checkpoint, resumes from
@@ -313,6 +328,7 @@ def test_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_model_dir,
     got = {h["step"]: h["loss"] for h in info["result"]["history"] if "loss" in h}
     assert sorted(got) == list(range(1, 7))
     assert got == pytest.approx(want, rel=1e-4), "the resumed steps did not train what an uninterrupted run trains"
+    _same_weights(model, ref / "sft" / "model")
     crash_table.add("SFT (tiny model)", [k.label for k in kills], 0, len(want))
 
 
@@ -342,7 +358,14 @@ def test_dpo_resumes_and_a_killed_final_save_is_redone(tmp_path, tiny_model_dir,
     entry = manifest(run)["stages"][f"{IT}/dpo"]
     assert entry["counts"]["steps"] == 4 and entry["counts"]["pairs"] == len(list(read_jsonl(run / IT / "pairs.jsonl")))
     check_resumed(run, kills)
-    crash_table.add("DPO (tiny model)", [k.label for k in kills], 0, 0)
+
+    ref = tmp_path / "ref" / "run"
+    driver.run_scenario("self_rewarding_dpo", ref, model=tiny_model_dir)  # uninterrupted
+    want = {h["step"]: h["loss"] for h in _published(ref / IT / "model")["result"]["history"] if "loss" in h}
+    got = {h["step"]: h["loss"] for h in info["result"]["history"] if "loss" in h}
+    assert got == pytest.approx(want, rel=1e-4), "the resumed steps did not train what an uninterrupted run trains"
+    _same_weights(model, ref / IT / "model")
+    crash_table.add("DPO (tiny model)", [k.label for k in kills], 0, len(want))
 
 
 # --------------------------------------------------------------------------- the embedded model
@@ -350,7 +373,7 @@ def test_dpo_resumes_and_a_killed_final_save_is_redone(tmp_path, tiny_model_dir,
 
 @pytest.mark.slow
 def test_generation_on_the_embedded_model(tmp_path, embedded_model_dir, crash_table):
-    """Respond with SmolLM2-135M (7 seed prompts x 3 samples, 12 tokens): killed inside the
+    """Respond with SmolLM2-135M (6 seed prompts x 3 samples, 12 tokens): killed inside the
     first batch's write; the rerun cuts the torn line and generates only what is missing."""
     r, run, rel = rng("real_respond"), tmp_path / "killed" / "run", f"{IT}/respond.jsonl"
     kills: list = []
@@ -360,7 +383,7 @@ def test_generation_on_the_embedded_model(tmp_path, embedded_model_dir, crash_ta
     records = list(read_jsonl(run / rel))
     assert sorted((x["prompt_id"], x["sample_index"]) for x in records) == sorted(
         {(x["prompt_id"], i) for x in records for i in range(3)})
-    assert len(records) == 21 and all(x["response"] for x in records[: k.compared])
+    assert len(records) == 18 and all(x["response"] for x in records[: k.compared])
     crash_table.add("respond (embedded model)", [k.label for k in kills], k.compared, 0)
 
 
