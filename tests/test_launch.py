@@ -249,3 +249,51 @@ def test_each_stage_records_its_own_peak_memory(tmp_path):
     big, small = manifest["stages"]["big"]["memory"], manifest["stages"]["small"]["memory"]
     assert big["peak_rss_mb"] > small["peak_rss_mb"] + 150  # the mark was reset when "small" began
     assert "workers" not in small and small["peak_cuda_mb"] is None
+
+
+# --------------------------------------------------------------------------- docs/scaling.md
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_scaling_doc_snippets_validate(tmp_path):
+    """Every YAML block of docs/scaling.md: run-config snippets merged into the demo config load
+    into the recipe's model with the values they show; accelerate configs load into accelerate's."""
+    import re
+
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    from selfalign.config import flatten
+    from selfalign.recipes.config import SelfRewardingConfig
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8"), re.S)
+    accelerate_files, snippets = {}, []
+    options = {a.dest for a in launch_command_parser()._actions}
+    for block in blocks:
+        first = block.splitlines()[0]
+        if first.startswith("# accelerate config:"):
+            path = tmp_path / first.split(":", 1)[1].strip()
+            path.write_text(block, encoding="utf-8")
+            cfg = load_config_from_file(str(path))
+            assert set(cfg.deepspeed_config) <= options and cfg.num_machines > 1
+            accelerate_files[path.name] = path
+        else:
+            snippets.append(yaml.safe_load(block))
+    assert len(snippets) == 4 and accelerate_files
+
+    base = yaml.safe_load((ROOT / "configs" / "self_rewarding_demo.yaml").read_text(encoding="utf-8"))
+    for snippet in snippets:
+        launcher = snippet.get("training", {}).get("launcher_config")
+        if launcher and launcher not in SHIPPED_LAUNCHER_CONFIGS:
+            snippet["training"]["launcher_config"] = str(accelerate_files[Path(launcher).name])
+        cfg = SelfRewardingConfig.model_validate(_merge(base, snippet))
+        held = flatten(cfg.model_dump(mode="json"))
+        for key, value in flatten(snippet).items():
+            assert held[key] == value, key

@@ -4,7 +4,8 @@ A stage of a run calls :func:`start` when it begins and :func:`stage_peak` when 
 
 * **RSS**: Linux keeps the high-water mark of the resident set (``VmHWM`` in
   ``/proc/self/status``); writing ``5`` to ``/proc/self/clear_refs`` resets it to the current
-  RSS, so the mark read at the end is the peak of this stage alone, not of the whole run.
+  RSS, so the mark read at the end is the peak of this stage, not of the whole run (it includes
+  what the process already held when the stage began, e.g. memory the allocator kept).
   Elsewhere the process-lifetime peak (``resource.getrusage``) is reported instead, flagged
   ``"rss_scope": "process"``.
 * **CUDA**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (only when

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,9 @@ from selfalign.training.outputs import (
 )
 
 TAIL_LINES = 30
+# a worker's own error line (worker.py prints "error (rank R): ..."; tracebacks end "SomeError: ...")
+_CAUSE = re.compile(r"^(error \(rank \d+\): |[A-Za-z_][\w.]*(Error|Exception): )")
+_NOT_CAUSE = ("ChildFailedError", "Connection closed by peer")  # the launcher's and gloo's echoes of it
 
 
 def generation_shares_gpu(engine) -> bool:
@@ -228,6 +232,7 @@ def run_child(cmd: list[str], log_file: Path, log: LogFn | None) -> None:
     Any exception here (KeyboardInterrupt included) stops the whole group before it propagates.
     """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    cause: str | None = None  # the first worker error: with several processes it scrolls out of the tail
     with Path(log_file).open("w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
@@ -243,6 +248,8 @@ def run_child(cmd: list[str], log_file: Path, log: LogFn | None) -> None:
                 fh.write(line + "\n")
                 fh.flush()
                 tail.append(line)
+                if cause is None and _CAUSE.match(line) and not any(x in line for x in _NOT_CAUSE):
+                    cause = line
                 if log:
                     log(line)
             rc = proc.wait()
@@ -251,7 +258,14 @@ def run_child(cmd: list[str], log_file: Path, log: LogFn | None) -> None:
             raise
     if rc != 0:
         shown = "\n".join(f"  {line}" for line in tail)
-        raise TrainingError(f"training process failed (exit status {rc}); its last lines:\n{shown}\nfull log: {log_file}")
+        hint = ""
+        if rc == -signal.SIGKILL or any("SIGKILL" in line for line in tail):
+            hint = ("\na training process was killed with SIGKILL, usually by the out-of-memory killer: lower "
+                    "per_device_batch_size or max_length (raising gradient_accumulation_steps), or use fewer processes")
+        first = f"\nfirst error: {cause}" if cause and cause not in tail else ""
+        raise TrainingError(
+            f"training process failed (exit status {rc}); its last lines:\n{shown}{first}\nfull log: {log_file}{hint}"
+        )
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
