@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfalign.engines.sampling import TOPK_FAST, make_generator, row_seed, sample_next
+from selfalign.engines.sampling import CANDIDATE_MIN_PROB, make_generator, row_seed, sample_next
 
 
 def _gens(*seeds):
@@ -40,13 +40,31 @@ def test_sampled_frequencies_follow_the_nucleus():
 
 
 def test_nucleus_wider_than_fast_path_falls_back_to_full_sort():
-    # a flat distribution over many tokens: the 0.99 nucleus needs far more than TOPK_FAST tokens
-    v = TOPK_FAST * 8
+    # a flat distribution: every token is less likely than CANDIDATE_MIN_PROB, so the 0.99
+    # nucleus has no fast candidates and the full sort must find it
+    v = int(4 / CANDIDATE_MIN_PROB)
     logits = torch.zeros(1, v)
     g = make_generator(7)
     seen = {sample_next(logits, torch.ones(1), torch.tensor([0.99]), [g]).item() for _ in range(600)}
-    assert max(seen) >= TOPK_FAST  # tokens beyond the fast candidate set are reachable
-    assert len(seen) > 300
+    assert max(seen) >= v // 2  # tokens deep in the vocabulary are reachable
+    assert len(seen) > 500
+
+
+def test_rows_of_one_batch_take_their_own_path():
+    # one peaked row (fast candidates), one flat row (full sort), one top_p=1 row, one greedy row
+    torch.manual_seed(3)
+    v = int(2 / CANDIDATE_MIN_PROB)
+    peaked = torch.full((v,), -20.0)
+    peaked[:3] = torch.tensor([3.0, 2.0, 1.0])
+    logits = torch.stack([peaked, torch.zeros(v), peaked, torch.randn(v)])
+    temperature = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    top_p = torch.tensor([0.7, 0.5, 1.0, 0.9])
+    gens = [make_generator(i) for i in range(4)]
+    draws = [sample_next(logits, temperature, top_p, gens).tolist() for _ in range(300)]
+    assert {d[0] for d in draws} == {0, 1}  # 0.665 + 0.245 crosses 0.7: the top two tokens
+    assert len({d[1] for d in draws}) > 250  # flat: anything in the top half
+    assert {d[2] for d in draws} <= {0, 1, 2} and len({d[2] for d in draws}) == 3
+    assert {d[3] for d in draws} == {int(logits[3].argmax())}
 
 
 def test_a_row_draws_the_same_tokens_whatever_shares_its_batch():
