@@ -337,7 +337,7 @@ def real_respond(run_dir: Path, model: Path) -> dict:
 
     def engine():
         if "e" not in holder:
-            holder["e"] = create_engine(ModelConfig(spec=str(model), dtype="float32"), cfg.engine)
+            holder["e"] = create_engine(ModelConfig(spec=str(model), dtype=cfg.model.dtype), cfg.engine)
         return holder["e"]
 
     try:
@@ -356,16 +356,15 @@ def real_dpo(run_dir: Path, model: Path) -> dict:
     from selfalign.run import Run
 
     cfg = self_rewarding_config(run_dir, dpo={
-        "max_steps": 3, "save_steps": 1, "per_device_batch_size": 2, "max_length": 160, "learning_rate": 1e-4,
+        "max_steps": 3, "save_steps": 1, "per_device_batch_size": 1, "max_length": 128, "learning_rate": 1e-4,
         "lora": {"r": 8, "alpha": 16}, "logging_steps": 1})
     run = Run.open(run_dir, cfg.model_dump(mode="json"))
     seed = load_seed_data(cfg.seed_data)
     pairs = []
-    for a, b in zip(seed.ift[:6], seed.ift[6:12]):
-        answer = a["messages"][1]["content"].split()
+    for a, b in zip(seed.ift[:4], seed.ift[4:8]):  # chosen: the seed answer; rejected: another prompt's
         pairs.append({"prompt": [a["messages"][0]],
-                      "chosen": [{"role": "assistant", "content": " ".join(answer[:40])}],
-                      "rejected": [{"role": "assistant", "content": " ".join(b["messages"][1]["content"].split()[:25])}]})
+                      "chosen": [{"role": "assistant", "content": " ".join(a["messages"][1]["content"].split()[:24])}],
+                      "rejected": [{"role": "assistant", "content": " ".join(b["messages"][1]["content"].split()[:12])}]})
     stage = run.stage("iter_1/dpo", depends_on=SEED_KEYS + sr.ITER_KEYS, outputs=["iter_1/model"])
     _dpo_step(stage, cfg, model, pairs, run.root / "iter_1" / "model", cfg.dpo, "iter_1")
     return {"pairs": len(pairs)}
