@@ -16,7 +16,7 @@ Stable API (other benchmarks import it):
   ``2 x parameters`` FLOP per token.
 - :func:`write_results` (name, dict) -> Path of the JSON file written.
 - :func:`print_table` (rows, columns): a rich table (plain text when rich is missing).
-- :func:`load_average`, :func:`Stopwatch`, :func:`ratio`.
+- :func:`load_average`, :func:`cpu_seconds`, :func:`Stopwatch`, :func:`ratio`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ def load_average() -> tuple[float, float, float] | None:
         return tuple(round(x, 2) for x in os.getloadavg())  # type: ignore[return-value]
     except OSError:
         return None
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) used so far by this process and its waited-for children.
+
+    On a shared machine, wall time depends on what else runs; the CPU time a row used does
+    much less, so benchmarks report both (a row's ``cpu_s`` is the difference of two calls).
+    """
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _cpu_model() -> str:

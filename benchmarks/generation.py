@@ -18,8 +18,11 @@ engine's ``dtype: auto`` picks). Rows, all measured in the same run:
 
 Tokens/s = completion tokens generated (end-of-sequence tokens not counted; at most
 ``--max-new-tokens`` a prompt) / wall seconds of the timed generation of all prompts. Model load
-and a short warm-up are timed separately (``setup s``). The bf16 matmul roofline is measured in
-the same run; ``% roofline`` counts 2 x parameters FLOP per token.
+and a short warm-up are timed separately (``setup s``). ``CPU s`` is the CPU time (all threads)
+the timed part used, so ``tok/CPU-s`` says how much work a token took even when other programs
+share the machine (not measured for the vLLM row, whose work runs in vLLM's own processes). The
+bf16 matmul roofline is measured in the same run; ``% roofline`` counts 2 x parameters FLOP per
+token.
 
     benchmarks/setup.sh                        # once: the peer package (+ py-spy)
     .venv/bin/python benchmarks/generation.py  # full run -> benchmarks/results/generation.json
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     ROOT,
     SHARED_DATA,
+    cpu_seconds,
     load_average,
     machine_info,
     measure_bf16_roofline_flops,
@@ -123,9 +127,9 @@ def run_hf_engine(args, prompts, model_dir, overrides: list[str] | None = None) 
     list(engine.generate([GenerationRequest.chat(f"w{i}", messages(p), warm) for i, p in enumerate(prompts[:2])]))
     setup = time.perf_counter() - t0
     reqs = [GenerationRequest.chat(f"p{i}", messages(p), params) for i, p in enumerate(prompts)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     results = list(engine.generate(reqs))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     errors = [s.error for r in results for s in r.samples if s.finish_reason == "error"]
     if errors:
         raise RuntimeError(f"hf engine returned errors: {errors[:3]}")
@@ -134,7 +138,7 @@ def run_hf_engine(args, prompts, model_dir, overrides: list[str] | None = None) 
     note = f"{desc.get('dtype')}, max_batch_size={engine.max_batch_size}, threads={_torch_threads()}"
     extra = {k: v for k, v in desc.items() if k not in {"engine", "model"}}
     engine.close()
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "setup_s": setup, "batch": engine_cfg.max_batch_size, "note": note, "engine": extra}
+    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": engine_cfg.max_batch_size, "note": note, "engine": extra}
 
 
 def _torch_threads() -> int:
@@ -195,10 +199,10 @@ def run_naive(args, prompts, model_dir) -> dict:
     torch.manual_seed(args.seed)
     one(prompts[0], 8)
     setup = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     tokens = sum(one(p, args.max_new_tokens) for p in prompts)
-    wall = time.perf_counter() - t0
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "setup_s": setup, "batch": 1, "note": f"{str(dtype).removeprefix('torch.')}, threads={_torch_threads()}"}
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": 1, "note": f"{str(dtype).removeprefix('torch.')}, threads={_torch_threads()}"}
 
 
 def _peer_sample_fn():
@@ -258,13 +262,13 @@ def run_peer(args, prompts, model_dir) -> dict:
     with torch.inference_mode():
         batch_tokens(order[: min(2, len(order))], 4)
     setup = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     tokens = 0
     with torch.inference_mode():
         for s in range(0, len(order), args.peer_batch):
             tokens += batch_tokens(order[s : s + args.peer_batch], args.max_new_tokens)
-    wall = time.perf_counter() - t0
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "setup_s": setup, "batch": args.peer_batch, "note": f"{str(dtype).removeprefix('torch.')}, no KV cache, threads={_torch_threads()}"}
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": args.peer_batch, "note": f"{str(dtype).removeprefix('torch.')}, no KV cache, threads={_torch_threads()}"}
 
 
 def run_llamacpp(args, prompts, gguf: Path) -> dict:
@@ -280,10 +284,10 @@ def run_llamacpp(args, prompts, gguf: Path) -> dict:
 
     one(prompts[0], 8)
     setup = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     tokens = sum(one(p, args.max_new_tokens) for p in prompts)
-    wall = time.perf_counter() - t0
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "setup_s": setup, "batch": 1, "note": f"GGUF {gguf.name}, n_threads={threads}"}
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": 1, "note": f"GGUF {gguf.name}, n_threads={threads}"}
 
 
 def run_vllm_subprocess(args, prompts, model_dir) -> dict:
@@ -368,6 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         "llamacpp": lambda: run_llamacpp(args, slow_prompts, embedded_gguf_path()),
         "vllm": lambda: run_vllm_subprocess(args, prompts, model_dir),
     }
+    def save(rows: list[dict], partial: bool) -> Path:
+        name = args.name or ("generation_quick" if args.quick else "generation")
+        return write_results(name, {
+            "benchmark": "generation",
+            "complete": not partial,
+            "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in {"worker", "job"}},
+            "machine": info,
+            "roofline_flops": roofline,
+            "model_parameters": n_params,
+            "flop_per_token": 2 * n_params,
+            "baseline": BASELINE,
+            "rows": rows,
+        })
+
     keys = list(args.rows)
     for i, variant in enumerate(args.hf_variant):
         key = f"hf:{variant}"
@@ -383,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row.update(runners[key]())
             row["tokens_per_s"] = row["tokens"] / row["wall_s"]
+            row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_s"] if row.get("cpu_s") else None
             row["roofline_pct"] = 100 * roofline_fraction(row["tokens_per_s"], n_params, roofline)
             print(f"[{key}] {row['tokens']} tokens in {row['wall_s']:.1f}s = {row['tokens_per_s']:.1f} tok/s", flush=True)
         except (ImportError, FileNotFoundError) as e:
@@ -396,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         row["load_after"] = load_average()
         rows.append(row)
         torch.set_num_threads(os.cpu_count() or 1)
+        save(rows, partial=True)  # a run cut short still leaves the rows it measured
 
     base = next((r.get("tokens_per_s") for r in rows if r["key"] == BASELINE), None)
     for r in rows:
@@ -408,21 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         rows,
         [("row", "row"), ("batch", "batch"), ("prompts", "prompts"), ("tokens", "tokens"), ("wall_s", "wall s", ".1f"), ("tokens_per_s", "tok/s", ".1f"),
-         ("vs_baseline", "x baseline", ".2f"), ("roofline_pct", "% roofline", ".2f"), ("setup_s", "setup s", ".1f"), ("load", "load 1m before/after"), ("note", "note")],
+         ("vs_baseline", "x baseline", ".2f"), ("roofline_pct", "% roofline", ".2f"), ("cpu_s", "CPU s", ".1f"), ("tokens_per_cpu_s", "tok/CPU-s", ".1f"), ("setup_s", "setup s", ".1f"), ("load", "load 1m before/after"), ("note", "note")],
         title=title,
     )
-    name = args.name or ("generation_quick" if args.quick else "generation")
-    path = write_results(name, {
-        "benchmark": "generation",
-        "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in {"worker", "job"}},
-        "machine": info,
-        "roofline_flops": roofline,
-        "model_parameters": n_params,
-        "flop_per_token": 2 * n_params,
-        "baseline": BASELINE,
-        "rows": rows,
-    })
+    path = save(rows, partial=False)
     print(f"results: {path}")
     return 0
 

@@ -9,7 +9,8 @@ most). Judgment sampling as in the demo config: temperature 0.7, top-p 0.9, up t
 sampled scoring (``--scoring expected`` adds the digit-probability probe).
 
 Rows: K = 1 and K = 3 (``--ks`` to change), each timed over all responses; the table gives
-judgments/s, judge tokens/s, parse rate and the cost of each K relative to K = 1. The engine
+judgments/s, judge tokens/s, parse rate and the cost of each K relative to K = 1, in wall
+time and in CPU time (the latter barely depends on what else runs on the machine). The engine
 prefills each judge prompt once for its K samples (and the rubric, which every judge prompt
 shares, once per batch), so K judgments should cost well under K times one.
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_DATA, load_average, machine_info, print_table, ratio, write_results
+from common import ROOT, SHARED_DATA, cpu_seconds, load_average, machine_info, print_table, ratio, write_results
 
 DATA_FILE = SHARED_DATA / "alpaca_eval" / "alpaca_eval_805_ref_gpt4_1106_preview.json"
 
@@ -81,16 +82,16 @@ def run_k(engine, responses: list[dict], k: int, args) -> dict:
     judge = LLMJudge(engine=engine, k=k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, scoring=args.scoring)
     load_before = load_average()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     judgments, tokens = [], 0
     for _resp, js, n_tokens in judge.judge(responses):
         judgments.extend(js)
         tokens += n_tokens
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     parsed = sum(1 for j in judgments if j.get("parse_error") is None and j.get("score") is not None)
     return {
         "row": f"K = {k}", "k": k, "responses": len(responses), "judgments": len(judgments), "judge_tokens": tokens,
-        "wall_s": wall, "judgments_per_s": len(judgments) / wall, "tokens_per_s": tokens / wall,
+        "wall_s": wall, "cpu_s": cpu, "judgments_per_s": len(judgments) / wall, "tokens_per_s": tokens / wall,
         "parse_rate": parsed / len(judgments) if judgments else None, "load_before": load_before, "load_after": load_average(),
     }
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["cost_vs_base"] = ratio(r["wall_s"], base["wall_s"])
         r["cost_per_judgment_vs_base"] = ratio(r["wall_s"] / r["judgments"], base["wall_s"] / base["judgments"])
+        r["cpu_cost_vs_base"] = ratio(r["cpu_s"], base["cpu_s"])
         r["load"] = f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}" if r["load_before"] and r["load_after"] else None
     title = (f"Judging: {len(responses)} AlpacaEval reference outputs (<= {args.response_tokens} tokens) x K judgments, rubric template "
              f"'judge', T={args.temperature}, top-p={args.top_p}, <= {args.max_new_tokens} new tokens, scoring {args.scoring}; "
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, [("row", "row"), ("judgments", "judgments"), ("judge_tokens", "judge tokens"), ("wall_s", "wall s", ".1f"),
                        ("judgments_per_s", "judgments/s", ".2f"), ("tokens_per_s", "tok/s", ".1f"), ("parse_rate", "parsed", ".0%"),
                        ("cost_vs_base", f"cost vs K={base['k']}", ".2f"), ("cost_per_judgment_vs_base", "cost/judgment", ".2f"),
+                       ("cpu_s", "CPU s", ".1f"), ("cpu_cost_vs_base", f"CPU cost vs K={base['k']}", ".2f"),
                        ("load", "load 1m before/after")], title=title)
     engine.close()
     name = args.name or ("judge_quick" if args.quick else "judge")

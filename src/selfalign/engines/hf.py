@@ -7,11 +7,16 @@ How a call to :meth:`HFEngine.generate` runs:
    and cut into batches bounded by ``max_batch_size`` sequences and ``max_batch_tokens``
    padded tokens. A request's ``n`` samples count as ``n`` sequences; a request with more
    samples than fit in one batch is split across batches.
-3. Each batch is left-padded and prefilled once per *prompt*; the KV cache rows are then
-   repeated for the prompt's samples, so ``n`` samples share one prefill.
-4. Decoding runs token by token on the KV cache. Each sequence samples from its own random
-   stream (see :mod:`selfalign.engines.sampling`), stops at an end-of-sequence token, a stop
-   string or ``max_new_tokens``, and finished sequences are dropped from the batch.
+3. Each batch is prefilled once per *prompt*: the prefix all its prompts share (the chat
+   template's system turn, a judge rubric) is computed once and copied, the rest of each
+   prompt is prefilled in chunks of similar length (:meth:`HFEngine._prefill`, KV buffers
+   from :mod:`selfalign.engines.kvcache`); the KV cache rows are then repeated for the
+   prompt's samples, so ``n`` samples share one prefill.
+4. Decoding runs token by token on the KV cache (one token written per step into
+   preallocated buffers; on CPU the attention of a decode step is
+   :mod:`selfalign.engines.attention`'s grouped matmuls). Each sequence samples from its own
+   random stream (see :mod:`selfalign.engines.sampling`), stops at an end-of-sequence token,
+   a stop string or ``max_new_tokens``, and finished sequences are dropped from the batch.
 5. A request's result is yielded as soon as all its samples are done.
 
 Same model, settings and seeds give the same text. (Sampling streams do not depend on batch
