@@ -1,6 +1,6 @@
 """Crash-resume driver: runs one recipe stage (and the stages it needs first) in its own process.
 
-    python tests/reliability/driver.py SCENARIO RUN_DIR [--model DIR] [--hook JSON]
+    python tests/reliability/driver.py SCENARIO RUN_DIR [--model DIR] [--corpus FILE] [--hook JSON]
 
 The crash-resume tests start this script with ``subprocess.Popen``, let it run to a chosen
 point and SIGKILL it; then they finish the same scenario (in-process, via :func:`run_scenario`)
@@ -18,8 +18,9 @@ batch's ``write`` but before its fsync (``unsynced``), between two complete fsyn
 (``between``), after a ``.done`` marker but before the manifest records the stage done
 (``done_marker``), after or in the middle of a training checkpoint (``checkpoint_saved``,
 ``checkpoint_partial``), inside the final model save (``final_save``), half-way through the
-run's manifest (``manifest_write``) or half-way through a report file (``report_write``). ``{"kind": "slow", "delay": s}`` only slows the scripted engine
-down so the parent can kill at a number of records on disk. The hooks are monkeypatches made
+run's manifest (``manifest_write``) or half-way through a report file (``report_write``).
+``{"kind": "slow", "delay": s}`` only slows the scripted engine down so the parent can kill at
+a number of records on disk. The hooks are monkeypatches made
 here, in the child; production modules carry no test-only code.
 """
 
@@ -61,10 +62,6 @@ _AUDIENCE = ["for a curious child", "in plain words", "for a first-year student"
 
 def _h(*parts) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).digest()[:8], "big")
-
-
-def _last_user(req) -> str:
-    return [m.content for m in req.messages if m.role == "user"][-1]
 
 
 def reply_self_instruct(req, i: int) -> str:
@@ -222,16 +219,9 @@ def self_rewarding_iteration(run_dir: Path, cfg=None, *, until: str = "pairs", m
 
 
 def _dpo_step(stage, cfg, model, pairs, out, settings, label) -> None:
-    """``recipes.steps.dpo_step`` (which takes the run config since training can be launched
-    in a child process; earlier versions did not)."""
-    import inspect
-
     from selfalign.recipes.steps import dpo_step
 
-    if "cfg" in inspect.signature(dpo_step).parameters:
-        dpo_step(stage, cfg, model, pairs, out, settings, _log, label)
-    else:  # pragma: no cover - the signature before the training launcher
-        dpo_step(stage, model, pairs, out, settings, _log, label)
+    dpo_step(stage, cfg, model, pairs, out, settings, _log, label)
 
 
 def meta_rewarding_iteration(run_dir: Path) -> dict:
@@ -442,10 +432,10 @@ class _ArmedFile:
 def _cut_inside_a_line(data: bytes, frac: float) -> int:
     """A byte offset in ``data`` that is not at a line end: the next line is left incomplete."""
     cut = max(1, min(len(data) - 1, int(len(data) * frac)))
-    while cut > 0 and data[cut - 1 : cut] == b"\n":  # right after a newline: the tail would be empty
+    if data[cut - 1 : cut] == b"\n":  # at a line boundary: cut into the next line instead
+        cut += 1
+    if data[cut : cut + 1] == b"\n":  # only the newline would be missing: leave out the last character too
         cut -= 1
-    if cut == 0:
-        cut = 1
     return cut
 
 
