@@ -231,7 +231,6 @@ def run_peer(args, prompts, model_dir) -> dict:
     t0 = time.perf_counter()
     tok, model, dtype = _load_hf_model(model_dir)
     stop = _stop_ids(tok, model)
-    eos = tok.eos_token_id
 
     class LogitsNet(torch.nn.Module):
         """The peer's sampler calls ``net(ids)`` and expects logits [batch, length, vocab]."""
@@ -253,9 +252,13 @@ def run_peer(args, prompts, model_dir) -> dict:
         batch = [encoded[i] for i in idx]
         seq_len = max(len(x) for x in batch) + max_new
         # pad_id -1 never occurs in a prompt: the sampler finds each prompt's length from it.
+        # eos_id=None: the sampler stops when every row holds eos_id anywhere, prompt included,
+        # and a chat-formatted prompt already holds it (<|im_end|> closes each turn), so with
+        # eos_id it stops after one token. Without it, it runs to seq_len; each row's
+        # completion is cut at its first end-of-sequence token here (_count_new).
         # output_keep_prompt=True: its prompt-stripping mask has an operator-precedence slip
         # (`out != pad_id & ~prompt_mask`), so the new tokens are cut out here instead.
-        out = sample(net, batch, seq_len=seq_len, temperature=args.temperature, filter_fn=top_p, filter_kwargs={"thres": args.top_p}, pad_id=-1, eos_id=eos, output_keep_prompt=True)
+        out = sample(net, batch, seq_len=seq_len, temperature=args.temperature, filter_fn=top_p, filter_kwargs={"thres": args.top_p}, pad_id=-1, eos_id=None, output_keep_prompt=True)
         return sum(_count_new(out[r, len(x) :].tolist(), stop, max_new) for r, x in enumerate(batch))
 
     torch.manual_seed(args.seed)
