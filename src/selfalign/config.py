@@ -72,11 +72,6 @@ class EngineConfig(StrictModel):
         description="extra JSON fields sent with every request, e.g. for transformers serve: "
         '{"generation_config": "{\\"do_sample\\": true}"} (it samples greedily without it)',
     )
-
-
-class GenerationConfig(StrictModel):
-    n: int = Field(1, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
     # vllm (runs in a child process; see docs/engines.md)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM replica shards the model over")
     data_parallel_size: int = Field(1, ge=1, description="vLLM replicas, one child process each, requests split between them")
@@ -97,6 +92,11 @@ class GenerationConfig(StrictModel):
             hints = ", ".join(f"{k} -> {VLLM_OWN_KEYS[k]}" for k in shadowed)
             raise ValueError(f"set these with their own keys, not in vllm_kwargs: {hints}")
         return v
+
+
+class GenerationConfig(StrictModel):
+    n: int = Field(1, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
     stop: list[str] = Field(default_factory=list)
