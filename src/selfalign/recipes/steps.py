@@ -103,8 +103,8 @@ def respond_step(stage: Stage, cfg, t: int, engine, prompts: list[Prompt], show_
             r = cfg.respond
             gen = GenerationConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed + t)
             res = run_generate(engine(), prompts, st.path(), gen, show_progress=show_progress)
-            st.finish({"prompts": res.prompts, "responses": res.responses, "tokens": res.completion_tokens,
-                       "tokens_per_second": round(res.tokens_per_second, 1)})
+            st.finish({"prompts": res.prompts, "responses": res.responses, "failed": res.errors,
+                       "tokens": res.completion_tokens, "tokens_per_second": round(res.tokens_per_second, 1)})
     return list(read_jsonl(stage.path()))
 
 
