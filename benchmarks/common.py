@@ -202,7 +202,17 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
     return value / baseline
 
 
+def _portable(text: str) -> str:
+    """Machine paths as the project writes them: ``../shared/...`` for the shared data, paths
+    inside the checkout relative to it, the home folder as ``~`` (results files are committed)."""
+    for prefix, repl in ((str(ROOT.parent / "shared") + "/", "../shared/"), (str(ROOT) + "/", ""), (str(Path.home()) + "/", "~/")):
+        text = text.replace(prefix, repl)
+    return text
+
+
 def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _portable(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, Mapping):
@@ -210,8 +220,8 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return _portable(str(obj))
+    if isinstance(obj, (int, float, bool)) or obj is None:
         return obj
     return str(obj)
 
@@ -219,7 +229,8 @@ def _jsonable(obj: Any) -> Any:
 def write_results(name: str, results: Mapping[str, Any], out_dir: Path | None = None) -> Path:
     """Write ``results`` to ``<out_dir>/<name>.json`` (default benchmarks/results/) and return the path.
 
-    Non-finite floats become null; paths and other objects become strings. The file is written
+    Non-finite floats become null; paths and other objects become strings, machine paths
+    portable (see :func:`_portable`). The file is written
     whole to a temporary name and renamed, so a killed run never leaves half a file.
     """
     if not name or "/" in name or name.startswith("."):
