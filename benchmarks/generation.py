@@ -197,12 +197,17 @@ def run_naive(args, prompts, model_dir) -> dict:
         return _count_new(out[0, enc["input_ids"].shape[1] :].tolist(), stop, max_new)
 
     torch.manual_seed(args.seed)
+    return _one_at_a_time(one, prompts, args.max_new_tokens, t0, f"{str(dtype).removeprefix('torch.')}, threads={_torch_threads()}")
+
+
+def _one_at_a_time(one, prompts, max_new_tokens: int, t0: float, note: str) -> dict:
+    """Warm up ``one`` on a short completion (counted as setup since ``t0``), then time it prompt by prompt."""
     one(prompts[0], 8)
     setup = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), cpu_seconds()
-    tokens = sum(one(p, args.max_new_tokens) for p in prompts)
+    tokens = sum(one(p, max_new_tokens) for p in prompts)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": 1, "note": f"{str(dtype).removeprefix('torch.')}, threads={_torch_threads()}"}
+    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": 1, "note": note}
 
 
 def _peer_sample_fn():
@@ -285,12 +290,7 @@ def run_llamacpp(args, prompts, gguf: Path) -> dict:
         out = llm.create_chat_completion(messages=messages(prompt), max_tokens=max_new, temperature=args.temperature, top_p=args.top_p, top_k=0, seed=args.seed)
         return int(out["usage"]["completion_tokens"])
 
-    one(prompts[0], 8)
-    setup = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    tokens = sum(one(p, args.max_new_tokens) for p in prompts)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": 1, "note": f"GGUF {gguf.name}, n_threads={threads}"}
+    return _one_at_a_time(one, prompts, args.max_new_tokens, t0, f"GGUF {gguf.name}, n_threads={threads}")
 
 
 def run_vllm_subprocess(args, prompts, model_dir) -> dict:
