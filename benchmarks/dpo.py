@@ -14,6 +14,10 @@ The same preference pairs and the same model (the embedded SmolLM2-135M-Instruct
   configures it: the "before" of the speed work, and the learning check's reference;
 * ``ours``: :func:`selfalign.training.train_dpo` with ``DPOSettings()`` defaults, as the
   recipes call it;
+* ``ours_bf16`` (only with ``--rows``): ``ours`` with ``bf16: true``, i.e. bfloat16 autocast
+  as in TRL's defaults: selfalign's speed measures at TRL's precision (not a default: for full
+  fine-tuning of a model stored in bf16, autocast hides DPO-sized updates, see
+  selfalign.training.config);
 * ``ours_lora``: the same with ``lora: {}`` (LoRA r=16 on every linear layer; bf16 autocast
   is on under ``bf16: auto`` on hardware with native bf16).
 
@@ -63,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_DATA, machine_info, print_table, ratio, write_results  # noqa: E402
 
 OASST_TREES = SHARED_DATA / "oasst" / "oasst_en_100_trees.jsonl"
-ROWS = ("trl_defaults", "trl_fp32", "ours_plain", "ours", "ours_lora")
+ROWS = ("trl_defaults", "trl_fp32", "ours_plain", "ours", "ours_bf16", "ours_lora")
 DEFAULT_ROWS = ("trl_defaults", "ours_plain", "ours", "ours_lora")
 BASELINE = "trl_defaults"
 PROFILE = False  # --profile
@@ -211,19 +215,19 @@ def _without_speedups() -> None:
     dpo.sort_by_length = lambda tokenizer, data: data
 
 
-def _train_ours(model_dir: Path, pairs: list[dict], out: Path, *, lora: bool) -> dict:
+def _train_ours(model_dir: Path, pairs: list[dict], out: Path, *, lora: bool, bf16: bool | None = None) -> dict:
     from selfalign.training import train_dpo
     from selfalign.training.config import DPOSettings, LoraSettings
     from selfalign.training.common import resolve_bf16
 
-    settings = DPOSettings(lora=LoraSettings() if lora else None)
+    settings = DPOSettings(lora=LoraSettings() if lora else None, **({} if bf16 is None else {"bf16": bf16}))
     result = train_dpo(model_dir, pairs, out / "model", settings)
     hist = result.history
     return {
         "loop_s": next((h["train_runtime"] for h in hist if "train_runtime" in h), None),
         "steps": result.steps,
         "batch": settings.per_device_batch_size,
-        "bf16": resolve_bf16(settings.bf16, lora=lora),
+        "bf16": resolve_bf16(settings.bf16, lora=lora),  # what the settings resolve to on this machine
         "gradient_checkpointing": settings.gradient_checkpointing,
         "max_length": settings.max_length,
         "learning_rate": settings.learning_rate,
@@ -260,6 +264,8 @@ def run_row(name: str, model_dir: Path, pairs_file: Path, ref_file: Path, work: 
         info = _train_ours(model_dir, pairs, out, lora=False)
     elif name == "ours":
         info = _train_ours(model_dir, pairs, out, lora=False)
+    elif name == "ours_bf16":
+        info = _train_ours(model_dir, pairs, out, lora=False, bf16=True)
     elif name == "ours_lora":
         info = _train_ours(model_dir, pairs, out, lora=True)
     else:
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         table.append({
             "row": r,
             "setup": f"batch {x['batch']}, {'bf16' if x['bf16'] else 'fp32'}{', grad ckpt' if x['gradient_checkpointing'] else ''}"
-            + (", grouped, compact head" if r in ("ours", "ours_lora") else ""),
+            + (", grouped, compact head" if r in ("ours", "ours_bf16", "ours_lora") else ""),
             "seconds": x["seconds"],
             "pairs_per_s": x["pairs_per_s"],
             "tokens_per_s": x["tokens_per_s"],

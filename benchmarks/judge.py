@@ -12,9 +12,12 @@ Rows: K = 1 and K = 3 (``--ks`` to change), each timed over all responses; the t
 judgments/s, judge tokens/s, parse rate and the cost of each K relative to K = 1, in wall
 time and in CPU time (the latter barely depends on what else runs on the machine). The engine
 prefills each judge prompt once for its K samples (and the rubric, which every judge prompt
-shares, once per batch), so K judgments should cost well under K times one.
+shares, once per batch), and while decoding keeps those keys/values once per prompt rather than
+once per sample (``--compare-plain`` adds rows with that off), so K judgments should cost well
+under K times one.
 
     .venv/bin/python benchmarks/judge.py            # -> benchmarks/results/judge.json
+    .venv/bin/python benchmarks/judge.py --compare-plain   # + the same K with prompt keys/values per sample
     .venv/bin/python benchmarks/judge.py --quick    # smoke run: 8 responses, 32 new tokens
 """
 
@@ -43,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scoring", choices=["sampled", "expected"], default="sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE", help="override an engine: config key (e.g. threads=1)")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also run every K with the engine's shared-prompt decode off (prompt keys/values repeated per sample): "
+                        "what that measure is worth, in the same run")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 responses, 32 new tokens")
     p.add_argument("--name", default=None, help="results file stem (default: judge, or judge_quick)")
     p.add_argument("--data-file", type=Path, default=DATA_FILE)
@@ -120,20 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     run_k(engine, responses[:2], 1, argparse.Namespace(**{**vars(args), "max_new_tokens": 4}))  # warm-up, not timed
 
     rows = []
-    for k in args.ks:
-        print(f"[K={k}] judging {len(responses)} responses ... (load {load_average()})", flush=True)
-        row = run_k(engine, responses, k, args)
-        print(f"[K={k}] {row['judgments']} judgments in {row['wall_s']:.1f}s = {row['judgments_per_s']:.2f}/s", flush=True)
-        rows.append(row)
-    base = rows[0]
-    for r in rows:
+    for shared_decode in (True, False) if args.compare_plain else (True,):
+        engine.shared_decode = shared_decode
+        for k in args.ks:
+            print(f"[K={k}{'' if shared_decode else ', plain decode'}] judging {len(responses)} responses ... (load {load_average()})", flush=True)
+            row = run_k(engine, responses, k, args)
+            row["shared_decode"] = shared_decode
+            if not shared_decode:
+                row["row"] += " (prompt KV per sample)"
+            print(f"[K={k}] {row['judgments']} judgments in {row['wall_s']:.1f}s = {row['judgments_per_s']:.2f}/s", flush=True)
+            rows.append(row)
+    for r in rows:  # each K against the first K of the same decode
+        base = next(x for x in rows if x["shared_decode"] == r["shared_decode"])
         r["cost_vs_base"] = ratio(r["wall_s"], base["wall_s"])
         r["cost_per_judgment_vs_base"] = ratio(r["wall_s"] / r["judgments"], base["wall_s"] / base["judgments"])
         r["cpu_cost_vs_base"] = ratio(r["cpu_s"], base["cpu_s"])
         r["load"] = f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}" if r["load_before"] and r["load_after"] else None
     title = (f"Judging: {len(responses)} AlpacaEval reference outputs (<= {args.response_tokens} tokens) x K judgments, rubric template "
              f"'judge', T={args.temperature}, top-p={args.top_p}, <= {args.max_new_tokens} new tokens, scoring {args.scoring}; "
-             f"hf engine defaults ({engine.describe().get('dtype')}); baseline K = {base['k']}")
+             f"hf engine defaults ({engine.describe().get('dtype')}); baseline K = {base['k']} (of the same decode)")
     print_table(rows, [("row", "row"), ("judgments", "judgments"), ("judge_tokens", "judge tokens"), ("wall_s", "wall s", ".1f"),
                        ("judgments_per_s", "judgments/s", ".2f"), ("tokens_per_s", "tok/s", ".1f"), ("parse_rate", "parsed", ".0%"),
                        ("cost_vs_base", f"cost vs K={base['k']}", ".2f"), ("cost_per_judgment_vs_base", "cost/judgment", ".2f"),

@@ -94,7 +94,7 @@ def test_prefill_with_shared_prefix_and_chunks_matches_each_prompt_alone(tiny):
     reqs = _reqs(SamplingParams(max_new_tokens=4), prompts)
     (batch,) = tiny._plan([(i, r, tiny.encode(r)) for i, r in enumerate(reqs)])
     with torch.inference_mode():
-        cache, logits, mask, next_pos = tiny._prefill(batch)
+        cache, logits, mask, next_pos, _layout = tiny._prefill(batch)
         step = logits.argmax(-1)  # then one decode step on the shared cache
         mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
         out = tiny.model(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
@@ -103,6 +103,86 @@ def test_prefill_with_shared_prefix_and_chunks_matches_each_prompt_alone(tiny):
             assert torch.allclose(logits[row], alone[0], atol=1e-4), job.request.id
             assert torch.allclose(out.logits[row, -1], alone[1], atol=1e-4), job.request.id
     assert next_pos.tolist() == [len(j.prompt_ids) for j in batch]
+
+
+def _shared_decode_calls(monkeypatch):
+    """Record every start_shared_decode call of the engine: (prompt rows kept, sample rows)."""
+    import selfalign.engines.hf as hf_mod
+
+    calls, real = [], hf_mod.start_shared_decode
+
+    def spy(cache, shared, width, owner, capacity, suffix_valid):
+        real(cache, shared, width, owner, capacity, suffix_valid)
+        layer = cache.layers[0]
+        calls.append({"prompts": layer.sk.shape[0], "rows": layer._k.shape[0], "prefix": shared,
+                      "prefix_rows": None if layer.pk is None else layer.pk.dim()})
+
+    monkeypatch.setattr(hf_mod, "start_shared_decode", spy)
+    return calls
+
+
+def test_shared_decode_keeps_prompts_once_and_gives_the_text_of_repeated_rows(tiny_model_dir, monkeypatch):
+    # a long common prefix (like a judge rubric), prompts of different lengths, different n per request
+    # (so prompts have different numbers of rows) and different max_new_tokens (rows finish at different
+    # steps: pruning, and prompts whose samples are all done leave the batch). Greedy: the tiny random
+    # model's next-token distributions are nearly flat, so a sampled token can flip on a rounding
+    # difference; test_shared_decode_step_matches_attention_over_the_whole_row checks the logits.
+    rubric = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
+    reqs = [
+        GenerationRequest.chat(f"r{i}", [{"role": "user", "content": rubric + p}],
+                               SamplingParams(n=1 + i % 3, temperature=0.0, max_new_tokens=3 + 4 * i))
+        for i, p in enumerate(PROMPTS)
+    ]
+    calls = _shared_decode_calls(monkeypatch)
+    shared = _texts(HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16), reqs)
+    assert calls == [{"prompts": 5, "rows": 1 + 2 + 3 + 1 + 2, "prefix": calls[0]["prefix"], "prefix_rows": 3}]
+    assert calls[0]["prefix"] > 60  # the rubric is read from one copy
+    repeated = _texts(HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16, shared_decode=False), reqs)
+    assert shared == repeated
+    assert [len(shared[f"r{i}"]) for i in range(5)] == [1, 2, 3, 1, 2]
+    one_by_one = _texts(HFEngine(tiny_model_dir, dtype="float32", max_batch_size=1), reqs)  # no common prefix at all
+    assert shared == one_by_one
+
+
+def test_shared_decode_step_matches_attention_over_the_whole_row(tiny):
+    prompts = ["Hi.", *PROMPTS]
+    reqs = _reqs(SamplingParams(n=2, max_new_tokens=4), prompts)
+    (batch,) = tiny._plan([(i, r, tiny.encode(r)) for i, r in enumerate(reqs)])
+    from selfalign.engines.kvcache import select_rows, start_shared_decode
+
+    with torch.inference_mode():
+        cache, logits, mask, next_pos, (shared, width) = tiny._prefill(batch)
+        owner = torch.arange(len(batch)).repeat_interleave(2)
+        start_shared_decode(cache, shared, width, owner, 4, mask[:, shared:].bool())
+        mask, next_pos = mask[owner], next_pos[owner]
+        history = [[*batch[int(o)].prompt_ids] for o in owner]
+        for step in range(3):
+            tok = torch.arange(len(owner)) * 7 + 11 * step  # a different token per row
+            mask = torch.cat([mask, mask.new_ones((len(owner), 1))], dim=1)
+            out = tiny.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            for r in range(len(owner)):
+                history[r].append(int(tok[r]))
+                alone = tiny.model(input_ids=torch.tensor([history[r]])).logits[0, -1]
+                assert torch.allclose(out.logits[r, -1], alone, atol=1e-4), (step, r)
+            if step == 0:  # drop rows: prompt 0 entirely, one sample of prompt 2
+                keep = torch.tensor([r for r in range(len(owner)) if owner[r] != 0 and r != 5])
+                select_rows(cache, keep)
+                owner, mask, next_pos = owner[keep], mask[keep], next_pos[keep]
+                history = [history[int(r)] for r in keep]
+                assert cache.layers[0].sk.shape[0] == len(batch) - 1  # prompt 0's suffix is gone
+
+
+def test_shared_rows_layout():
+    from selfalign.engines.kvcache import SharedRows
+
+    owner = torch.tensor([0, 0, 2, 1, 2, 2])
+    valid = torch.tensor([[True, True], [False, True], [True, True]])
+    plan = SharedRows(owner, valid)
+    assert plan.kmax == 3
+    assert plan.slot.tolist() == [[0, 1, 6], [3, 6, 6], [2, 4, 5]]  # 6 = the padding row
+    assert plan.slot.view(-1)[plan.rowpos].tolist() == list(range(6))
+    assert plan.suffix_bias[3, 0, 0].tolist() == [float("-inf"), 0.0]
 
 
 def test_batches_respect_max_batch_size_and_are_length_sorted(tiny_model_dir):
@@ -224,3 +304,29 @@ def test_dtype_auto_follows_the_cpu(tiny_model_dir):
     eng = HFEngine(tiny_model_dir, dtype="auto", device="cpu")
     assert eng.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
     assert next(eng.model.parameters()).dtype == getattr(torch, eng.dtype)
+
+
+def test_plan_bounds_kv_slots_and_counts_shared_prompts_once(tiny_model_dir):
+    rubric = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
+    reqs = [GenerationRequest.chat(f"r{i}", [{"role": "user", "content": rubric + p}], SamplingParams(n=3, max_new_tokens=20))
+            for i, p in enumerate(PROMPTS)]
+    for shared in (True, False):
+        eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=64, max_batch_tokens=700, shared_decode=shared)
+        assert eng._shares_prompts() is shared
+        encoded = [(i, r, eng.encode(r)) for i, r in enumerate(reqs)]
+        batches = eng._plan(encoded)
+        assert sorted(j.req_pos for b in batches for j in b) == list(range(len(reqs)))
+        for b in batches:
+            longest, rows = max(len(j.prompt_ids) for j in b), sum(len(j.sample_indices) for j in b)
+            if len(b) > 1:
+                if shared:
+                    from selfalign.engines.kvcache import common_prefix
+
+                    s = common_prefix([j.prompt_ids for j in b])
+                    assert s + len(b) * (longest - s) + rows * 20 <= 700
+                else:
+                    assert rows * (longest + 20) <= 700
+        if shared:  # the rubric is held once and each prompt once for its 3 samples: everything fits in one batch
+            assert len(batches) == 1
+        else:  # each sample row holds its whole prompt: ~150 prompt tokens + 20 new, so at most 4 rows a batch
+            assert len(batches) >= 4

@@ -50,8 +50,12 @@ class EngineConfig(StrictModel):
     kind: Literal["hf", "openai", "vllm"] = "hf"
     # hf (device also picks the dtype that vllm's "auto" resolves to)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    max_batch_size: int = Field(64, ge=1, description="sequences decoded together (n samples count separately)")
-    max_batch_tokens: int = Field(32768, ge=64, description="padded prompt tokens x sequences per prefill")
+    max_batch_size: int = Field(256, ge=1, description="sequences decoded together (n samples count separately)")
+    max_batch_tokens: int = Field(
+        32768, ge=64,
+        description="KV-cache slots per batch: padded prompt tokens (once per prompt where the CPU decode shares prompts, "
+                    "else once per sequence) plus max_new_tokens per sequence; also bounds each prefill chunk",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores")
     # openai
     base_url: str | None = None

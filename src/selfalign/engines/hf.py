@@ -5,13 +5,15 @@ How a call to :meth:`HFEngine.generate` runs:
 1. Every request is tokenized (chat messages through the model's chat template).
 2. Requests are sorted by prompt length (longest first, so memory trouble shows at once)
    and cut into batches bounded by ``max_batch_size`` sequences and ``max_batch_tokens``
-   padded tokens. A request's ``n`` samples count as ``n`` sequences; a request with more
-   samples than fit in one batch is split across batches.
+   KV-cache slots (see :meth:`HFEngine._plan`). A request's ``n`` samples count as ``n``
+   sequences; a request with more samples than fit in one batch is split across batches.
 3. Each batch is prefilled once per *prompt*: the prefix all its prompts share (the chat
    template's system turn, a judge rubric) is computed once and copied, the rest of each
    prompt is prefilled in chunks of similar length (:meth:`HFEngine._prefill`, KV buffers
-   from :mod:`selfalign.engines.kvcache`); the KV cache rows are then repeated for the
-   prompt's samples, so ``n`` samples share one prefill.
+   from :mod:`selfalign.engines.kvcache`), so ``n`` samples share one prefill. On the CPU the
+   decode then keeps those prompt keys/values once (the prefix once per batch, each prompt
+   once for its samples) and gives each sample a buffer for its new tokens; elsewhere the
+   prompt's cache rows are repeated for its samples.
 4. Decoding runs token by token on the KV cache (one token written per step into
    preallocated buffers; on CPU the attention of a decode step is
    :mod:`selfalign.engines.attention`'s grouped matmuls). Each sequence samples from its own
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 from selfalign.engines.base import Engine, GenerationRequest, RequestResult, Sample
-from selfalign.engines.kvcache import buffer_cache, common_prefix, copy_prefix, set_window
+from selfalign.engines.kvcache import buffer_cache, common_prefix, copy_prefix, enable_full_decode, select_rows, set_window, start_shared_decode
 from selfalign.engines.sampling import make_generator, row_seed, sample_next
 from selfalign.errors import EngineError
 
@@ -66,6 +68,12 @@ class _Row:
     finish_reason: str | None = None
 
 
+def _grouped_attention() -> str:
+    from selfalign.engines.attention import ATTN_IMPLEMENTATION  # imported late: it registers with transformers
+
+    return ATTN_IMPLEMENTATION
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,11 +89,12 @@ class HFEngine(Engine):
         *,
         dtype: str = "auto",
         device: str = "auto",
-        max_batch_size: int = 64,
+        max_batch_size: int = 256,
         max_batch_tokens: int = 32768,
         threads: int | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        shared_decode: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -99,6 +108,8 @@ class HFEngine(Engine):
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        # CPU decode keeps prompt keys/values once per prompt, not once per sample (kvcache.start_shared_decode)
+        self.shared_decode = shared_decode
         if self.device == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
         # weights from safetensors only: never unpickle a .bin file
@@ -180,22 +191,45 @@ class HFEngine(Engine):
         return encode_request(self.tokenizer, request, self.model_dir)
 
     # ------------------------------------------------------------------ batching
+    def _shares_prompts(self) -> bool:
+        """Whether decoding keeps prompt keys/values once per prompt (:func:`kvcache.start_shared_decode`)."""
+        return self.shared_decode and self.device == "cpu" and self.attn_implementation == _grouped_attention()
+
     def _plan(self, encoded: list[tuple[int, GenerationRequest, list[int]]]) -> list[list[_Job]]:
+        """Cut the requests into batches of at most ``max_batch_size`` rows and ``max_batch_tokens`` KV slots.
+
+        A batch's KV slots are what its cache holds at the end: with shared decoding, the common
+        prefix once, each prompt's suffix (padded to the longest) once, and ``max_new_tokens``
+        slots per sample row; otherwise every row holds its padded prompt and its new tokens.
+        """
         jobs: list[_Job] = []
         for pos, req, ids in encoded:
             samples = list(range(req.params.n))
             for start in range(0, len(samples), self.max_batch_size):
                 jobs.append(_Job(pos, req, ids, samples[start : start + self.max_batch_size]))
         jobs.sort(key=lambda j: -len(j.prompt_ids))
+        shares = self._shares_prompts()
         batches: list[list[_Job]] = []
         cur: list[_Job] = []
-        rows = 0
+        rows = lcp = max_new = 0
         for job in jobs:
-            k = len(job.sample_indices)
-            width = max([len(j.prompt_ids) for j in cur] + [len(job.prompt_ids)])
-            if cur and (rows + k > self.max_batch_size or width * (rows + k) > self.max_batch_tokens):
-                batches.append(cur)
-                cur, rows = [], 0
+            k, job_new = len(job.sample_indices), job.request.params.max_new_tokens
+            if cur:
+                width = len(cur[0].prompt_ids)  # sorted longest first
+                lcp_with = min(lcp, common_prefix([cur[0].prompt_ids, job.prompt_ids]))
+                new_with = max(max_new, job_new)
+                if shares:
+                    s = lcp_with if lcp_with >= _SHARED_PREFIX_MIN else 0
+                    slots = s + (len(cur) + 1) * (width - s) + (rows + k) * new_with
+                else:
+                    slots = (rows + k) * (width + new_with)
+                if rows + k > self.max_batch_size or slots > self.max_batch_tokens:
+                    batches.append(cur)
+                    cur, rows = [], 0
+                else:
+                    lcp, max_new = lcp_with, new_with
+            if not cur:
+                lcp, max_new = len(job.prompt_ids), job_new
             cur.append(job)
             rows += k
         if cur:
@@ -230,13 +264,14 @@ class HFEngine(Engine):
                     yield RequestResult(job.request, samples, prompt_tokens=len(job.prompt_ids))
 
     def _prefill(self, jobs: list[_Job]):
-        """Run the prompts of ``jobs``; return (cache, last-token logits, 2D attention mask, next positions).
+        """Run the prompts of ``jobs``; return (cache, last-token logits, 2D attention mask, next positions, layout).
 
         With a buffer cache (:func:`~selfalign.engines.kvcache.buffer_cache`): the prefix all prompts share (the chat
         template's system turn, a judge rubric, ...) is computed once for one row and copied to
         the others; the rest of each prompt (its suffix) is prefilled in chunks of similar length,
         right-aligned after a masked gap so that every row's next token lands in the same column.
-        Row layout: ``[shared prefix | gap | suffix]``. Otherwise one left-padded prefill.
+        Row layout: ``[shared prefix | gap | suffix]``, and ``layout`` = (prefix length, suffix
+        width). Otherwise one left-padded prefill and ``layout`` None.
         """
         dev = self.device
         ids = [j.prompt_ids for j in jobs]
@@ -271,7 +306,7 @@ class HFEngine(Engine):
             logits.append(out.logits[:, -1, :])
         set_window(cache, slice(None), shared + width)
         next_pos = torch.tensor([len(x) for x in ids], device=dev)
-        return cache, torch.cat(logits), mask.to(dev), next_pos
+        return cache, torch.cat(logits), mask.to(dev), next_pos, (shared, width)
 
     def _suffix_chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
         """Split rows (sorted longest first) into ranges whose suffixes pad little and fit ``max_batch_tokens``."""
@@ -296,12 +331,12 @@ class HFEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1, :], mask, positions[:, -1] + 1
+        return cache, out.logits[:, -1, :], mask, positions[:, -1] + 1, None
 
     @torch.inference_mode()
     def _run_batch(self, jobs: list[_Job]) -> Iterator[tuple[_Job, list[_Row]]]:
         dev = self.device
-        cache, first_logits, mask, next_pos = self._prefill(jobs)
+        cache, first_logits, mask, next_pos, layout = self._prefill(jobs)
         # one row per sample: repeat each prompt's cache row for its samples
         rows: list[_Row] = []
         src: list[int] = []
@@ -311,7 +346,16 @@ class HFEngine(Engine):
                 rows.append(_Row(j, s, make_generator(row_seed(p.seed, j.request.id, s)), p.stop, p.max_new_tokens))
                 src.append(i)
         src_t = torch.tensor(src, device=dev)
-        cache.batch_select_indices(src_t)
+        grouped = self.device == "cpu" and self.attn_implementation == _grouped_attention()
+        if layout is not None and self._shares_prompts():
+            # the prompts' keys/values stay one copy per prompt; samples get generation buffers
+            shared, width = layout
+            max_new = max(j.request.params.max_new_tokens for j in jobs)
+            start_shared_decode(cache, shared, width, src_t, max_new, mask[:, shared:].bool())
+        else:
+            cache.batch_select_indices(src_t)
+            if grouped:
+                enable_full_decode(cache)  # contiguous buffers: no KV copy inside every decode matmul
         logits = first_logits.index_select(0, src_t)
         mask = mask.index_select(0, src_t)
         next_pos = next_pos.index_select(0, src_t)
@@ -354,7 +398,7 @@ class HFEngine(Engine):
                 temperature[torch.tensor(newly)] = 0.0
             if len(slots) - len(live) >= _PRUNE_FRACTION * len(slots):
                 keep = torch.tensor(live, device=dev)
-                cache.batch_select_indices(keep)
+                select_rows(cache, keep)
                 mask, next_pos, step = mask.index_select(0, keep), next_pos.index_select(0, keep), step.index_select(0, keep)
                 keep_cpu = keep.cpu()
                 temperature, top_p = temperature.index_select(0, keep_cpu), top_p.index_select(0, keep_cpu)
