@@ -8,7 +8,8 @@ reference outputs of the first 64 AlpacaEval instructions (../shared/data/alpaca
 most). Judgment sampling as in the demo config: temperature 0.7, top-p 0.9, up to 96 new tokens,
 sampled scoring (``--scoring expected`` adds the digit-probability probe).
 
-Rows: K = 1 and K = 3 (``--ks`` to change), each timed over all responses; the table gives
+Rows: K = 1 and K = 3 (``--ks`` to change), each timed over all responses ``--repeats`` times
+(default 3, interleaved; the table shows the median run and the range); the table gives
 judgments/s, judge tokens/s, parse rate and the cost of each K relative to K = 1, in wall
 time and in CPU time (the latter barely depends on what else runs on the machine). The engine
 prefills each judge prompt once for its K samples (and the rubric, which every judge prompt
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scoring", choices=["sampled", "expected"], default="sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE", help="override an engine: config key (e.g. threads=1)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="time every row this many times, the rows interleaved; the table gives each row's median run")
     p.add_argument("--compare-plain", action="store_true",
                    help="also run every K with the engine's shared-prompt decode off (prompt keys/values repeated per sample): "
                         "what that measure is worth, in the same run")
@@ -54,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-file", type=Path, default=DATA_FILE)
     args = p.parse_args(argv)
     if args.quick:
-        args.responses, args.max_new_tokens = min(args.responses, 8), min(args.max_new_tokens, 32)
+        args.responses, args.max_new_tokens, args.repeats = min(args.responses, 8), min(args.max_new_tokens, 32), 1
+    if args.repeats < 1:
+        p.error("--repeats needs a positive integer")
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     if not args.ks or min(args.ks) < 1:
         p.error("--ks needs positive integers, e.g. 1,3")
@@ -125,17 +130,25 @@ def main(argv: list[str] | None = None) -> int:
           f"judge prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens (mean {sum(prompt_tokens) / len(prompt_tokens):.0f})", flush=True)
     run_k(engine, responses[:2], 1, argparse.Namespace(**{**vars(args), "max_new_tokens": 4}))  # warm-up, not timed
 
+    runs: dict[tuple[bool, int], list[dict]] = {}
+    for rep in range(args.repeats):  # interleaved, so a drift in machine load touches every row alike
+        for shared_decode in (True, False) if args.compare_plain else (True,):
+            engine.shared_decode = shared_decode
+            for k in args.ks:
+                label = f"K={k}{'' if shared_decode else ', plain decode'}, run {rep + 1}/{args.repeats}"
+                print(f"[{label}] judging {len(responses)} responses ... (load {load_average()})", flush=True)
+                row = run_k(engine, responses, k, args)
+                print(f"[{label}] {row['judgments']} judgments in {row['wall_s']:.1f}s = {row['judgments_per_s']:.2f}/s", flush=True)
+                runs.setdefault((shared_decode, k), []).append(row)
     rows = []
-    for shared_decode in (True, False) if args.compare_plain else (True,):
-        engine.shared_decode = shared_decode
-        for k in args.ks:
-            print(f"[K={k}{'' if shared_decode else ', plain decode'}] judging {len(responses)} responses ... (load {load_average()})", flush=True)
-            row = run_k(engine, responses, k, args)
-            row["shared_decode"] = shared_decode
-            if not shared_decode:
-                row["row"] += " (prompt KV per sample)"
-            print(f"[K={k}] {row['judgments']} judgments in {row['wall_s']:.1f}s = {row['judgments_per_s']:.2f}/s", flush=True)
-            rows.append(row)
+    for (shared_decode, _k), got in runs.items():
+        row = dict(sorted(got, key=lambda x: x["wall_s"])[len(got) // 2])  # the median run (upper median for even counts)
+        row["shared_decode"] = shared_decode
+        row["runs_wall_s"] = [x["wall_s"] for x in got]
+        row["runs"] = f"{min(row['runs_wall_s']):.1f}-{max(row['runs_wall_s']):.1f}"
+        if not shared_decode:
+            row["row"] += " (prompt KV per sample)"
+        rows.append(row)
     for r in rows:  # each K against the first K of the same decode
         base = next(x for x in rows if x["shared_decode"] == r["shared_decode"])
         r["cost_vs_base"] = ratio(r["wall_s"], base["wall_s"])
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, [("row", "row"), ("judgments", "judgments"), ("judge_tokens", "judge tokens"), ("wall_s", "wall s", ".1f"),
                        ("judgments_per_s", "judgments/s", ".2f"), ("tokens_per_s", "tok/s", ".1f"), ("parse_rate", "parsed", ".0%"),
                        ("cost_vs_base", f"cost vs K={base['k']}", ".2f"), ("cost_per_judgment_vs_base", "cost/judgment", ".2f"),
-                       ("cpu_s", "CPU s", ".1f"), ("cpu_cost_vs_base", f"CPU cost vs K={base['k']}", ".2f"),
+                       ("runs", "wall s of all runs"), ("cpu_s", "CPU s", ".1f"), ("cpu_cost_vs_base", f"CPU cost vs K={base['k']}", ".2f"),
                        ("load", "load 1m before/after")], title=title)
     engine.close()
     name = args.name or ("judge_quick" if args.quick else "judge")

@@ -94,7 +94,7 @@ def test_prefill_with_shared_prefix_and_chunks_matches_each_prompt_alone(tiny):
     reqs = _reqs(SamplingParams(max_new_tokens=4), prompts)
     (batch,) = tiny._plan([(i, r, tiny.encode(r)) for i, r in enumerate(reqs)])
     with torch.inference_mode():
-        cache, logits, mask, next_pos, _layout = tiny._prefill(batch)
+        cache, logits, mask, next_pos, _layout = tiny._prefill([j.prompt_ids for j in batch], 4)
         step = logits.argmax(-1)  # then one decode step on the shared cache
         mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
         out = tiny.model(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
@@ -144,14 +144,21 @@ def test_shared_decode_keeps_prompts_once_and_gives_the_text_of_repeated_rows(ti
     assert shared == one_by_one
 
 
-def test_shared_decode_step_matches_attention_over_the_whole_row(tiny):
+@pytest.mark.parametrize("prefix_apart", [False, True])
+def test_shared_decode_step_matches_attention_over_the_whole_row(tiny, prefix_apart):
     prompts = ["Hi.", *PROMPTS]
     reqs = _reqs(SamplingParams(n=2, max_new_tokens=4), prompts)
     (batch,) = tiny._plan([(i, r, tiny.encode(r)) for i, r in enumerate(reqs)])
     from selfalign.engines.kvcache import select_rows, start_shared_decode
 
     with torch.inference_mode():
-        cache, logits, mask, next_pos, (shared, width) = tiny._prefill(batch)
+        cache, logits, mask, next_pos, (shared, width) = tiny._prefill([j.prompt_ids for j in batch], 0, prefix_apart=prefix_apart)
+        assert shared > 0 and (cache.layers[0].pk is not None) == prefix_apart
+        if prefix_apart:  # the rows hold [gap | suffix] only
+            assert cache.layers[0]._k.shape[2] == width
+        for row, job in enumerate(batch):  # the prefill's last-token logits are those of the prompt alone
+            alone = tiny.model(input_ids=torch.tensor([job.prompt_ids])).logits[0, -1]
+            assert torch.allclose(logits[row], alone, atol=1e-4)
         owner = torch.arange(len(batch)).repeat_interleave(2)
         start_shared_decode(cache, shared, width, owner, 4, mask[:, shared:].bool())
         mask, next_pos = mask[owner], next_pos[owner]
@@ -311,7 +318,7 @@ def test_plan_bounds_kv_slots_and_counts_shared_prompts_once(tiny_model_dir):
     reqs = [GenerationRequest.chat(f"r{i}", [{"role": "user", "content": rubric + p}], SamplingParams(n=3, max_new_tokens=20))
             for i, p in enumerate(PROMPTS)]
     for shared in (True, False):
-        eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=64, max_batch_tokens=700, shared_decode=shared)
+        eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=64, max_batch_tokens=600, shared_decode=shared)
         assert eng._shares_prompts() is shared
         encoded = [(i, r, eng.encode(r)) for i, r in enumerate(reqs)]
         batches = eng._plan(encoded)
@@ -323,10 +330,33 @@ def test_plan_bounds_kv_slots_and_counts_shared_prompts_once(tiny_model_dir):
                     from selfalign.engines.kvcache import common_prefix
 
                     s = common_prefix([j.prompt_ids for j in b])
-                    assert s + len(b) * (longest - s) + rows * 20 <= 700
+                    assert s + len(b) * (longest - s) + rows * 20 <= 600
                 else:
-                    assert rows * (longest + 20) <= 700
+                    assert rows * (longest + 20) <= 600
         if shared:  # the rubric is held once and each prompt once for its 3 samples: everything fits in one batch
             assert len(batches) == 1
-        else:  # each sample row holds its whole prompt: ~150 prompt tokens + 20 new, so at most 4 rows a batch
-            assert len(batches) >= 4
+        else:  # each sample row holds its whole prompt (~110 tokens) and 20 new ones: one prompt's 3 rows a batch
+            assert len(batches) == len(reqs)
+
+
+@pytest.mark.parametrize("shared_decode", [True, False])
+def test_next_token_probs_share_the_common_prefix_and_match_each_text_alone(tiny_model_dir, shared_decode):
+    from selfalign.engines.base import Message
+    from selfalign.engines.hf import assistant_prefix_text
+
+    eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16, shared_decode=shared_decode)
+    rubric = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
+    prompts = [((Message("user", rubric + p),), f"Reasoning {i}. " * (1 + i) + "Score: ") for i, p in enumerate(PROMPTS)]
+    digits = [str(d) for d in range(6)]
+    spy = ForwardSpy(eng.model)
+    try:
+        got = eng.next_token_probs(prompts, digits)
+    finally:
+        spy.remove()
+    assert spy.shapes[0][0] == 1 and spy.shapes[0][1] > 60  # the rubric once, for one row
+    assert sum(b for b, _ in spy.shapes[1:]) == len(prompts)  # then each text's rest
+    with torch.inference_mode():
+        for (messages, prefix), probs in zip(prompts, got):
+            enc, cand = eng._prefix_and_candidates(assistant_prefix_text(eng.tokenizer, messages, prefix), digits)
+            alone = torch.softmax(eng.model(input_ids=torch.tensor([enc])).logits[0, -1].float(), -1)
+            assert probs == pytest.approx([float(alone[c]) for c in cand], abs=1e-6)

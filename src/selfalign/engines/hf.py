@@ -36,7 +36,16 @@ from pathlib import Path
 import torch
 
 from selfalign.engines.base import Engine, GenerationRequest, RequestResult, Sample
-from selfalign.engines.kvcache import buffer_cache, common_prefix, copy_prefix, enable_full_decode, select_rows, set_window, start_shared_decode
+from selfalign.engines.kvcache import (
+    buffer_cache,
+    common_prefix,
+    compute_prefix_apart,
+    copy_prefix,
+    enable_full_decode,
+    select_rows,
+    set_window,
+    start_shared_decode,
+)
 from selfalign.engines.sampling import make_generator, row_seed, sample_next
 from selfalign.errors import EngineError
 
@@ -198,8 +207,8 @@ class HFEngine(Engine):
     def _plan(self, encoded: list[tuple[int, GenerationRequest, list[int]]]) -> list[list[_Job]]:
         """Cut the requests into batches of at most ``max_batch_size`` rows and ``max_batch_tokens`` KV slots.
 
-        A batch's KV slots are what its cache holds at the end: with shared decoding, the common
-        prefix once, each prompt's suffix (padded to the longest) once, and ``max_new_tokens``
+        A batch's KV slots are the most its cache holds at once: with shared decoding the common
+        prefix once, each prompt's suffix (padded to the longest) once and ``max_new_tokens``
         slots per sample row; otherwise every row holds its padded prompt and its new tokens.
         """
         jobs: list[_Job] = []
@@ -208,33 +217,34 @@ class HFEngine(Engine):
             for start in range(0, len(samples), self.max_batch_size):
                 jobs.append(_Job(pos, req, ids, samples[start : start + self.max_batch_size]))
         jobs.sort(key=lambda j: -len(j.prompt_ids))
+        cuts = self._cut([(j.prompt_ids, len(j.sample_indices), j.request.params.max_new_tokens) for j in jobs])
+        return [jobs[x:y] for x, y in cuts]
+
+    def _cut(self, items: list[tuple[list[int], int, int]]) -> list[tuple[int, int]]:
+        """Ranges of ``items`` (prompt ids, rows, new tokens; longest prompt first) that fit one batch each."""
         shares = self._shares_prompts()
-        batches: list[list[_Job]] = []
-        cur: list[_Job] = []
-        rows = lcp = max_new = 0
-        for job in jobs:
-            k, job_new = len(job.sample_indices), job.request.params.max_new_tokens
-            if cur:
-                width = len(cur[0].prompt_ids)  # sorted longest first
-                lcp_with = min(lcp, common_prefix([cur[0].prompt_ids, job.prompt_ids]))
-                new_with = max(max_new, job_new)
-                if shares:
+        cuts: list[tuple[int, int]] = []
+        first = rows = lcp = max_new = 0
+        for i, (ids, k, new) in enumerate(items):
+            if i > first:
+                width = len(items[first][0])
+                lcp_with = min(lcp, common_prefix([items[first][0], ids]))
+                new_with = max(max_new, new)
+                prompts = i - first + 1
+                if shares:  # the prefix once, each prompt's padded suffix once, new tokens per row
                     s = lcp_with if lcp_with >= _SHARED_PREFIX_MIN else 0
-                    slots = s + (len(cur) + 1) * (width - s) + (rows + k) * new_with
+                    slots = s + prompts * (width - s) + (rows + k) * new_with
                 else:
                     slots = (rows + k) * (width + new_with)
-                if rows + k > self.max_batch_size or slots > self.max_batch_tokens:
-                    batches.append(cur)
-                    cur, rows = [], 0
-                else:
-                    lcp, max_new = lcp_with, new_with
-            if not cur:
-                lcp, max_new = len(job.prompt_ids), job_new
-            cur.append(job)
-            rows += k
-        if cur:
-            batches.append(cur)
-        return batches
+                if rows + k <= self.max_batch_size and slots <= self.max_batch_tokens:
+                    rows, lcp, max_new = rows + k, lcp_with, new_with
+                    continue
+                cuts.append((first, i))
+                first = i
+            rows, lcp, max_new = k, len(ids), new
+        if items:
+            cuts.append((first, len(items)))
+        return cuts
 
     # ------------------------------------------------------------------ generate
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestResult]:
@@ -263,8 +273,13 @@ class HFEngine(Engine):
                     samples = tuple(got[i] for i in range(job.request.params.n))
                     yield RequestResult(job.request, samples, prompt_tokens=len(job.prompt_ids))
 
-    def _prefill(self, jobs: list[_Job]):
-        """Run the prompts of ``jobs``; return (cache, last-token logits, 2D attention mask, next positions, layout).
+    def _prefill(self, ids: list[list[int]], max_new: int, *, prefix_apart: bool = False):
+        """Run prompts ``ids`` (longest first); return (cache, last-token logits, 2D attention mask, next positions, layout).
+
+        ``max_new`` is the room left in each cache row for generated tokens (0 when a shared
+        decode gives the samples buffers of their own, or when only the next token is wanted).
+        ``prefix_apart``: keep the common prefix once instead of in every row
+        (:func:`~selfalign.engines.kvcache.compute_prefix_apart`; for a shared decode or logits only).
 
         With a buffer cache (:func:`~selfalign.engines.kvcache.buffer_cache`): the prefix all prompts share (the chat
         template's system turn, a judge rubric, ...) is computed once for one row and copied to
@@ -274,26 +289,28 @@ class HFEngine(Engine):
         width). Otherwise one left-padded prefill and ``layout`` None.
         """
         dev = self.device
-        ids = [j.prompt_ids for j in jobs]
-        max_new = max(j.request.params.max_new_tokens for j in jobs)
-        shared = common_prefix(ids) if len(jobs) > 1 else 0
+        shared = common_prefix(ids) if len(ids) > 1 else 0
         shared = min(shared, min(len(x) for x in ids) - 1)  # every row keeps a token to predict from
         if shared < _SHARED_PREFIX_MIN:
             shared = 0
         width = max(len(x) for x in ids) - shared  # longest suffix
-        cache = buffer_cache(self.model.config, len(jobs), shared + width + max_new)
+        apart = prefix_apart and shared > 0
+        cache = buffer_cache(self.model.config, len(ids), (0 if apart else shared) + width + max_new)
         if cache is None:
-            return self._prefill_padded(jobs)
-        mask = torch.zeros((len(jobs), shared + width), dtype=torch.long)
+            return self._prefill_padded(ids)
+        mask = torch.zeros((len(ids), shared + width), dtype=torch.long)
         mask[:, :shared] = 1
         if shared:
             set_window(cache, slice(0, 1), 0)
+            if apart:
+                compute_prefix_apart(cache)
             self.model(input_ids=torch.tensor([ids[0][:shared]], device=dev), position_ids=torch.arange(shared, device=dev).unsqueeze(0),
                        attention_mask=torch.ones((1, shared), dtype=torch.long, device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            copy_prefix(cache, shared)
+            if not apart:
+                copy_prefix(cache, shared)
         logits = []
         for a, b in self._suffix_chunks([len(x) - shared for x in ids]):
-            w = len(ids[a]) - shared  # jobs are sorted longest first: the chunk's widest suffix
+            w = len(ids[a]) - shared  # sorted longest first: the chunk's widest suffix
             chunk = torch.full((b - a, w), self.pad_id, dtype=torch.long)
             for r in range(a, b):
                 suffix = ids[r][shared:]
@@ -317,16 +334,16 @@ class HFEngine(Engine):
                 a = r
         return chunks
 
-    def _prefill_padded(self, jobs: list[_Job]):
+    def _prefill_padded(self, ids: list[list[int]]):
         from transformers import DynamicCache
 
         dev = self.device
-        width = max(len(j.prompt_ids) for j in jobs)
-        input_ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for i, j in enumerate(jobs):
-            input_ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-            mask[i, width - len(j.prompt_ids) :] = 1
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x) :] = torch.tensor(x)
+            mask[i, width - len(x) :] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -336,7 +353,10 @@ class HFEngine(Engine):
     @torch.inference_mode()
     def _run_batch(self, jobs: list[_Job]) -> Iterator[tuple[_Job, list[_Row]]]:
         dev = self.device
-        cache, first_logits, mask, next_pos, layout = self._prefill(jobs)
+        shares = self._shares_prompts()
+        max_new = max(j.request.params.max_new_tokens for j in jobs)
+        # with a shared decode the samples' new tokens go to buffers of their own, not the prompt rows
+        cache, first_logits, mask, next_pos, layout = self._prefill([j.prompt_ids for j in jobs], 0 if shares else max_new, prefix_apart=shares)
         # one row per sample: repeat each prompt's cache row for its samples
         rows: list[_Row] = []
         src: list[int] = []
@@ -347,10 +367,9 @@ class HFEngine(Engine):
                 src.append(i)
         src_t = torch.tensor(src, device=dev)
         grouped = self.device == "cpu" and self.attn_implementation == _grouped_attention()
-        if layout is not None and self._shares_prompts():
+        if layout is not None and shares:
             # the prompts' keys/values stay one copy per prompt; samples get generation buffers
             shared, width = layout
-            max_new = max(j.request.params.max_new_tokens for j in jobs)
             start_shared_decode(cache, shared, width, src_t, max_new, mask[:, shared:].bool())
         else:
             cache.batch_select_indices(src_t)
@@ -424,20 +443,11 @@ class HFEngine(Engine):
             cand_ids.append(ids)
         order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
         out: list[list[float]] = [[] for _ in texts]
-        start = 0
-        while start < len(order):
-            width = len(encoded[order[start]])
-            size = max(1, min(self.max_batch_size, self.max_batch_tokens // max(width, 1)))
-            chunk = order[start : start + size]
-            start += size
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1, :]
+        shares = self._shares_prompts()
+        for x, y in self._cut([(encoded[i], 1, 0) for i in order]):
+            chunk = order[x:y]
+            # the prefix the texts share (a judge rubric) is computed once, the rest in length-sorted chunks
+            _cache, logits, *_ = self._prefill([encoded[i] for i in chunk], 0, prefix_apart=shares)
             probs = torch.softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(chunk):
                 out[i] = [float(probs[row, c]) for c in cand_ids[i]]

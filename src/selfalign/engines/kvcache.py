@@ -39,6 +39,8 @@ def buffer_cache(config, rows: int, capacity: int):
             self.rows, self.start = slice(None), 0
             self.full_decode = False  # decode steps see the whole buffer (see enable_full_decode)
             self.shared: SharedRows | None = None  # set by start_shared_decode
+            self.prefix_next = False  # the next forward is the common prefix (see compute_prefix_apart)
+            self.pk = self.pv = None  # that prefix, [1, KV, P, D], when kept apart from the row buffers
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             super().lazy_initialization(key_states, value_states)
@@ -49,15 +51,25 @@ def buffer_cache(config, rows: int, capacity: int):
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if self.shared is not None:
                 return _shared_update(self, key_states, value_states)
+            if self.prefix_next:  # this forward computes the batch's common prefix: kept apart, once
+                self.prefix_next = False
+                self.pk, self.pv = key_states.contiguous(), value_states.contiguous()
+                self.start = key_states.shape[-2]
+                return key_states, value_states
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            end = self.start + key_states.shape[-2]
+            held = 0 if self.pk is None else self.pk.shape[-2]  # positions before the row buffers' first column
+            a, end = self.start - held, self.start - held + key_states.shape[-2]
             if end > self._k.shape[-2]:
                 raise RuntimeError(f"KV buffer of {self._k.shape[-2]} tokens is full")  # the engine plans capacity
-            self._k[self.rows, :, self.start : end] = key_states
-            self._v[self.rows, :, self.start : end] = value_states
-            self.start = end
+            self._k[self.rows, :, a:end] = key_states
+            self._v[self.rows, :, a:end] = value_states
+            self.start += key_states.shape[-2]
             self.keys, self.values = self._k[self.rows, :, :end], self._v[self.rows, :, :end]
+            if held:  # a prefill chunk attends over the prefix too (a copy for this chunk only)
+                n = self.keys.shape[0]
+                return (torch.cat([self.pk.expand(n, -1, -1, -1), self.keys], dim=2),
+                        torch.cat([self.pv.expand(n, -1, -1, -1), self.values], dim=2))
             if self.full_decode and key_states.shape[-2] == 1 and self.rows == slice(None):
                 return self._k, self._v  # contiguous: the attention masks the slots past `end`
             return self.keys, self.values
@@ -66,8 +78,8 @@ def buffer_cache(config, rows: int, capacity: int):
             return self.start  # tokens before the next query: sizes the attention mask
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self.shared is not None:
-                raise RuntimeError("a shared decode selects rows with kvcache.select_rows")
+            if self.shared is not None or self.pk is not None:
+                raise RuntimeError("a prefix kept apart or a shared decode selects rows with kvcache.select_rows")
             if self.is_initialized:
                 self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
                 self.rows = slice(None)
@@ -111,7 +123,8 @@ def start_shared_decode(cache, shared: int, width: int, owner: torch.Tensor, cap
     """Turn a prefilled cache of one row per prompt into a decode over ``owner``'s sample rows.
 
     After the prefill each buffer row is ``[shared prefix | gap | suffix]`` (``shared`` +
-    ``width`` tokens); this keeps one contiguous copy of the prefix (from row 0), one of each
+    ``width`` tokens), or ``[gap | suffix]`` with the prefix kept apart
+    (:func:`compute_prefix_apart`); this keeps one contiguous copy of the prefix, one of each
     prompt's ``width``-token suffix part (with ``suffix_valid`` [prompts, width] saying which of
     its slots hold prompt tokens), and gives every sample row a ``capacity``-token buffer for
     the tokens it generates. The prefill buffers are released. Decode steps then go through
@@ -121,10 +134,16 @@ def start_shared_decode(cache, shared: int, width: int, owner: torch.Tensor, cap
     plan = SharedRows(owner, suffix_valid)
     for layer in cache.layers:
         k, v = layer._k, layer._v
-        layer.pk = k[0, :, :shared].contiguous() if shared else None  # [KV, P, D]
-        layer.pv = v[0, :, :shared].contiguous() if shared else None
-        layer.sk = k[:, :, shared : shared + width].contiguous()  # [prompts, KV, W, D]
-        layer.sv = v[:, :, shared : shared + width].contiguous()
+        if layer.pk is not None:  # prefilled apart (compute_prefix_apart): rows hold [gap | suffix] only
+            layer.pk, layer.pv = layer.pk[0], layer.pv[0]  # [KV, P, D]
+            first = 0
+        else:
+            layer.pk = k[0, :, :shared].contiguous() if shared else None  # [KV, P, D]
+            layer.pv = v[0, :, :shared].contiguous() if shared else None
+            first = shared
+        whole = first == 0 and k.shape[2] == width  # the row buffers are exactly the suffixes: no copy
+        layer.sk = k if whole else k[:, :, first : first + width].contiguous()  # [prompts, KV, W, D]
+        layer.sv = v if whole else v[:, :, first : first + width].contiguous()
         layer._k = k.new_zeros((owner.shape[0], k.shape[1], capacity, k.shape[-1]))  # [rows, KV, C, D]
         layer._v = v.new_zeros((owner.shape[0], v.shape[1], capacity, v.shape[-1]))
         layer._k._selfalign_shared = layer  # how the attention function finds the parts
@@ -180,6 +199,18 @@ def enable_full_decode(cache) -> None:
     """
     for layer in cache.layers:
         layer.full_decode = True
+
+
+def compute_prefix_apart(cache) -> None:
+    """Have the next forward (one row: the batch's common prefix) stored once, apart from the row buffers.
+
+    The row buffers then start at the first position after the prefix, so a batch of prompts
+    holds the prefix once instead of once per prompt (a judge rubric is most of each prompt);
+    prefill chunks see it through a per-chunk copy. Rows of such a cache are selected with
+    :func:`start_shared_decode` / :func:`select_rows`, never repeated whole.
+    """
+    for layer in cache.layers:
+        layer.prefix_next = True
 
 
 def set_window(cache, rows: slice, start: int) -> None:
