@@ -52,9 +52,9 @@ class EngineConfig(StrictModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     max_batch_size: int = Field(256, ge=1, description="sequences decoded together (n samples count separately)")
     max_batch_tokens: int = Field(
-        32768, ge=64,
+        65536, ge=64,
         description="KV-cache slots per batch: padded prompt tokens (once per prompt where the CPU decode shares prompts, "
-                    "else once per sequence) plus max_new_tokens per sequence; also bounds each prefill chunk",
+                    "else once per sequence) plus max_new_tokens per sequence; prefill chunks take at most min(this, 16384) tokens",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default all cores")
     # openai

@@ -55,14 +55,13 @@ def grouped_decode_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = h // kv
     scale = d**-0.5 if scaling is None else scaling
-    q = query.reshape(b, kv, groups, d)  # query heads grouped by the key/value head they read
-    scores = torch.matmul(q, key.transpose(-1, -2))  # [B, KV, G, L]
-    scores = scores.float() * scale
+    q = query.reshape(b, kv, groups, d) * scale  # query heads grouped by the key/value head they read
+    scores = torch.matmul(q, key.transpose(-1, -2))  # [B, KV, G, L], in the model's dtype
     if attention_mask is not None:
         used = min(attention_mask.shape[-1], key.shape[2])
-        scores[..., :used] += attention_mask[:, :, -1:, :used].float()  # [B, 1, 1, M] broadcasts over KV, G
+        scores[..., :used] += attention_mask[:, :, -1:, :used].to(scores.dtype)  # [B, 1, 1, M] broadcasts over KV, G
         scores[..., used:] = float("-inf")  # unused buffer slots
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 for bf16 input; no fp32 copy of the scores
     out = torch.matmul(probs, value)  # [B, KV, G, D]
     return out.reshape(b, 1, h, d), None
 
@@ -91,18 +90,20 @@ def _shared_decode_attention(query: torch.Tensor, layer, scale: float) -> tuple[
         n = x.shape[-1]
         return x.view(prompts, kv, kmax, g, n).transpose(1, 2).reshape(prompts * kmax, kv, g, n)[plan.rowpos]
 
+    q = q * scale  # scaled once on the small query, not on the scores
     parts = []
     if layer.pk is not None:  # [KV, R * G, D] @ [KV, D, P]
         s_pre = torch.matmul(q.permute(1, 0, 2, 3).reshape(kv, r * g, d), layer.pk.transpose(-1, -2))
         parts.append(s_pre.view(kv, r, g, -1).permute(1, 0, 2, 3))
     n_pre = parts[0].shape[-1] if parts else 0
-    parts.append(by_row(torch.matmul(by_prompt(q), layer.sk.transpose(-1, -2))))
-    width = parts[-1].shape[-1]
-    parts.append(torch.matmul(q, gk.transpose(-1, -2)))  # the whole generation buffer: contiguous
-    scores = torch.cat(parts, dim=-1).float() * scale
-    scores[..., n_pre : n_pre + width] += plan.suffix_bias
-    scores[..., n_pre + width + layer.generated :] = float("-inf")  # generation slots not written yet
-    probs = torch.softmax(scores, dim=-1).to(gv.dtype)
+    s_suf = by_row(torch.matmul(by_prompt(q), layer.sk.transpose(-1, -2)))
+    parts.append(s_suf.add_(plan.suffix_bias.to(s_suf.dtype)))  # -inf over the padding gap
+    width = s_suf.shape[-1]
+    s_gen = torch.matmul(q, gk.transpose(-1, -2))  # the whole generation buffer: contiguous
+    s_gen[..., layer.generated :] = float("-inf")  # slots not written yet
+    parts.append(s_gen)
+    # the scores are in the model's dtype already (the matmuls' output); softmax accumulates in fp32
+    probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
     out = torch.matmul(probs[..., n_pre + width :], gv)
     out += by_row(torch.matmul(by_prompt(probs[..., n_pre : n_pre + width]), layer.sv))
     if n_pre:

@@ -52,6 +52,7 @@ from selfalign.errors import EngineError
 # prune finished sequences from the batch once this share of rows is done
 _PRUNE_FRACTION = 0.25
 _SHARED_PREFIX_MIN = 8  # share a common prompt prefix across a batch when at least this long
+_PREFILL_CHUNK_TOKENS = 16384  # at most this many (padded) tokens per prefill forward: bounds its activations
 _BUCKET_RATIO = 0.7  # a prefill chunk ends where a suffix is shorter than this share of the chunk's longest
 
 
@@ -99,7 +100,7 @@ class HFEngine(Engine):
         dtype: str = "auto",
         device: str = "auto",
         max_batch_size: int = 256,
-        max_batch_tokens: int = 32768,
+        max_batch_tokens: int = 65536,
         threads: int | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
@@ -326,10 +327,11 @@ class HFEngine(Engine):
         return cache, torch.cat(logits), mask.to(dev), next_pos, (shared, width)
 
     def _suffix_chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
-        """Split rows (sorted longest first) into ranges whose suffixes pad little and fit ``max_batch_tokens``."""
+        """Split rows (sorted longest first) into ranges whose suffixes pad little and fit one prefill forward."""
+        limit = min(self.max_batch_tokens, _PREFILL_CHUNK_TOKENS)
         chunks, a = [], 0
         for r in range(1, len(lengths) + 1):
-            if r == len(lengths) or lengths[r] < _BUCKET_RATIO * lengths[a] or (r + 1 - a) * lengths[a] > self.max_batch_tokens:
+            if r == len(lengths) or lengths[r] < _BUCKET_RATIO * lengths[a] or (r + 1 - a) * lengths[a] > limit:
                 chunks.append((a, r))
                 a = r
         return chunks
