@@ -4,7 +4,8 @@
 top-p 0.9, the embedded SmolLM2-135M-Instruct (bf16 where the CPU computes it natively, as the
 engine's ``dtype: auto`` picks). Rows, all measured in the same run:
 
-- ``hf engine (defaults)``: selfalign's hf engine built from the default ``engine:`` config.
+- ``hf engine (defaults)``: selfalign's hf engine built from the default ``engine:`` config, timed
+  ``--repeats`` times (default 3) on the loaded engine; the row is the median run.
 - ``transformers generate, 1 prompt at a time``: what a naive script does (the baseline).
 - ``peer sampler (batch 8)``: ``self_rewarding_lm_pytorch.sampling_utils.sample`` (package
   self-rewarding-lm-pytorch==0.2.12, installed by benchmarks/setup.sh) on the same model, wrapped
@@ -80,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE", help="override an engine: config key for the hf row (e.g. max_batch_size=32)")
     p.add_argument("--hf-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]", help="an extra hf engine row with these engine: keys (e.g. threads=1); repeatable")
     p.add_argument("--vllm-set", action="append", default=[], metavar="KEY=VALUE", help="engine: key for the vLLM row (default gpu_memory_utilization=0.3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="time the hf engine rows this many times on the loaded engine; the table gives the median run")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 prompts x 32 tokens")
     p.add_argument("--name", default=None, help="results file stem (default: generation, or generation_quick)")
     p.add_argument("--prompts-file", type=Path, default=PROMPTS_FILE)
@@ -87,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
+        args.repeats = 1
         args.prompts, args.max_new_tokens = min(args.prompts, 8), min(args.max_new_tokens, 32)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in args.rows if r not in ROWS]
@@ -127,18 +131,24 @@ def run_hf_engine(args, prompts, model_dir, overrides: list[str] | None = None) 
     list(engine.generate([GenerationRequest.chat(f"w{i}", messages(p), warm) for i, p in enumerate(prompts[:2])]))
     setup = time.perf_counter() - t0
     reqs = [GenerationRequest.chat(f"p{i}", messages(p), params) for i, p in enumerate(prompts)]
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    results = list(engine.generate(reqs))
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    runs = []
+    for _ in range(max(1, args.repeats)):  # same requests and seeds: the same work each time
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        results = list(engine.generate(reqs))
+        runs.append((time.perf_counter() - t0, cpu_seconds() - c0))
+    wall, cpu = sorted(runs)[len(runs) // 2]  # the median run
     errors = [s.error for r in results for s in r.samples if s.finish_reason == "error"]
     if errors:
         raise RuntimeError(f"hf engine returned errors: {errors[:3]}")
     tokens = sum(r.completion_tokens for r in results)
     desc = engine.describe()
     note = f"{desc.get('dtype')}, max_batch_size={engine.max_batch_size}, threads={_torch_threads()}"
+    if len(runs) > 1:
+        note += f", median of {len(runs)} runs ({min(w for w, _ in runs):.1f}-{max(w for w, _ in runs):.1f} s)"
     extra = {k: v for k, v in desc.items() if k not in {"engine", "model"}}
     engine.close()
-    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": engine_cfg.max_batch_size, "note": note, "engine": extra}
+    return {"prompts": len(prompts), "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "setup_s": setup, "batch": engine_cfg.max_batch_size, "note": note, "engine": extra,
+            "runs_wall_s": [w for w, _ in runs]}
 
 
 def _torch_threads() -> int:
