@@ -97,7 +97,7 @@ def _shared_decode_attention(query: torch.Tensor, layer, scale: float) -> tuple[
         parts.append(s_pre.view(kv, r, g, -1).permute(1, 0, 2, 3))
     n_pre = parts[0].shape[-1] if parts else 0
     s_suf = by_row(torch.matmul(by_prompt(q), layer.sk.transpose(-1, -2)))
-    parts.append(s_suf.add_(plan.suffix_bias.to(s_suf.dtype)))  # -inf over the padding gap
+    parts.append(s_suf.add_(plan.suffix_bias_as(s_suf.dtype)))  # -inf over the padding gap
     width = s_suf.shape[-1]
     s_gen = torch.matmul(q, gk.transpose(-1, -2))  # the whole generation buffer: contiguous
     s_gen[..., layer.generated :] = float("-inf")  # slots not written yet

@@ -79,7 +79,8 @@ class _Row:
 
 
 def _grouped_attention() -> str:
-    from selfalign.engines.attention import ATTN_IMPLEMENTATION  # imported late: it registers with transformers
+    # imported late: importing it registers the attention function with transformers
+    from selfalign.engines.attention import ATTN_IMPLEMENTATION
 
     return ATTN_IMPLEMENTATION
 
@@ -201,9 +202,13 @@ class HFEngine(Engine):
         return encode_request(self.tokenizer, request, self.model_dir)
 
     # ------------------------------------------------------------------ batching
+    def _grouped_decode(self) -> bool:
+        """Whether decode steps go through :mod:`selfalign.engines.attention` (CPU, a model that takes it)."""
+        return self.device == "cpu" and self.attn_implementation == _grouped_attention()
+
     def _shares_prompts(self) -> bool:
         """Whether decoding keeps prompt keys/values once per prompt (:func:`kvcache.start_shared_decode`)."""
-        return self.shared_decode and self.device == "cpu" and self.attn_implementation == _grouped_attention()
+        return self.shared_decode and self._grouped_decode()
 
     def _plan(self, encoded: list[tuple[int, GenerationRequest, list[int]]]) -> list[list[_Job]]:
         """Cut the requests into batches of at most ``max_batch_size`` rows and ``max_batch_tokens`` KV slots.
@@ -229,10 +234,10 @@ class HFEngine(Engine):
         for i, (ids, k, new) in enumerate(items):
             if i > first:
                 width = len(items[first][0])
-                lcp_with = min(lcp, common_prefix([items[first][0], ids]))
                 new_with = max(max_new, new)
-                prompts = i - first + 1
+                prompts, lcp_with = i - first + 1, lcp
                 if shares:  # the prefix once, each prompt's padded suffix once, new tokens per row
+                    lcp_with = min(lcp, common_prefix([items[first][0], ids]))
                     s = lcp_with if lcp_with >= _SHARED_PREFIX_MIN else 0
                     slots = s + prompts * (width - s) + (rows + k) * new_with
                 else:
@@ -368,14 +373,13 @@ class HFEngine(Engine):
                 rows.append(_Row(j, s, make_generator(row_seed(p.seed, j.request.id, s)), p.stop, p.max_new_tokens))
                 src.append(i)
         src_t = torch.tensor(src, device=dev)
-        grouped = self.device == "cpu" and self.attn_implementation == _grouped_attention()
         if layout is not None and shares:
             # the prompts' keys/values stay one copy per prompt; samples get generation buffers
             shared, width = layout
             start_shared_decode(cache, shared, width, src_t, max_new, mask[:, shared:].bool())
         else:
             cache.batch_select_indices(src_t)
-            if grouped:
+            if self._grouped_decode():
                 enable_full_decode(cache)  # contiguous buffers: no KV copy inside every decode matmul
         logits = first_logits.index_select(0, src_t)
         mask = mask.index_select(0, src_t)

@@ -117,6 +117,13 @@ class SharedRows:
         bias = torch.zeros(suffix_valid.shape, dtype=torch.float32, device=owner.device)
         bias.masked_fill_(~suffix_valid, float("-inf"))
         self.suffix_bias = bias[owner][:, None, None, :]
+        self._bias_as: dict[torch.dtype, torch.Tensor] = {torch.float32: self.suffix_bias}
+
+    def suffix_bias_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``suffix_bias`` in the scores' dtype, converted once per plan (not once per layer and step)."""
+        if dtype not in self._bias_as:
+            self._bias_as[dtype] = self.suffix_bias.to(dtype)
+        return self._bias_as[dtype]
 
 
 def start_shared_decode(cache, shared: int, width: int, owner: torch.Tensor, capacity: int, suffix_valid: torch.Tensor) -> None:
