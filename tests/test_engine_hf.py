@@ -15,6 +15,8 @@ PROMPTS = [
     "List three fruits that are red, and say which of them you like best and why.",
     "Say hello.",
 ]
+# a long prefix every prompt shares, like a judge rubric
+RUBRIC = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
 
 
 def _reqs(params: SamplingParams, prompts=PROMPTS):
@@ -127,9 +129,8 @@ def test_shared_decode_keeps_prompts_once_and_gives_the_text_of_repeated_rows(ti
     # steps: pruning, and prompts whose samples are all done leave the batch). Greedy: the tiny random
     # model's next-token distributions are nearly flat, so a sampled token can flip on a rounding
     # difference; test_shared_decode_step_matches_attention_over_the_whole_row checks the logits.
-    rubric = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
     reqs = [
-        GenerationRequest.chat(f"r{i}", [{"role": "user", "content": rubric + p}],
+        GenerationRequest.chat(f"r{i}", [{"role": "user", "content": RUBRIC + p}],
                                SamplingParams(n=1 + i % 3, temperature=0.0, max_new_tokens=3 + 4 * i))
         for i, p in enumerate(PROMPTS)
     ]
@@ -314,8 +315,9 @@ def test_dtype_auto_follows_the_cpu(tiny_model_dir):
 
 
 def test_plan_bounds_kv_slots_and_counts_shared_prompts_once(tiny_model_dir):
-    rubric = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
-    reqs = [GenerationRequest.chat(f"r{i}", [{"role": "user", "content": rubric + p}], SamplingParams(n=3, max_new_tokens=20))
+    from selfalign.engines.kvcache import common_prefix
+
+    reqs = [GenerationRequest.chat(f"r{i}", [{"role": "user", "content": RUBRIC + p}], SamplingParams(n=3, max_new_tokens=20))
             for i, p in enumerate(PROMPTS)]
     for shared in (True, False):
         eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=64, max_batch_tokens=600, shared_decode=shared)
@@ -327,8 +329,6 @@ def test_plan_bounds_kv_slots_and_counts_shared_prompts_once(tiny_model_dir):
             longest, rows = max(len(j.prompt_ids) for j in b), sum(len(j.sample_indices) for j in b)
             if len(b) > 1:
                 if shared:
-                    from selfalign.engines.kvcache import common_prefix
-
                     s = common_prefix([j.prompt_ids for j in b])
                     assert s + len(b) * (longest - s) + rows * 20 <= 600
                 else:
@@ -345,8 +345,7 @@ def test_next_token_probs_share_the_common_prefix_and_match_each_text_alone(tiny
     from selfalign.engines.hf import assistant_prefix_text
 
     eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16, shared_decode=shared_decode)
-    rubric = "Grade the answer below with the five-point checklist: relevance, coverage, use, clarity, depth. " * 3
-    prompts = [((Message("user", rubric + p),), f"Reasoning {i}. " * (1 + i) + "Score: ") for i, p in enumerate(PROMPTS)]
+    prompts = [((Message("user", RUBRIC + p),), f"Reasoning {i}. " * (1 + i) + "Score: ") for i, p in enumerate(PROMPTS)]
     digits = [str(d) for d in range(6)]
     spy = ForwardSpy(eng.model)
     try:
