@@ -99,7 +99,7 @@ def test_prefill_with_shared_prefix_and_chunks_matches_each_prompt_alone(tiny):
         cache, logits, mask, next_pos, _layout = tiny._prefill([j.prompt_ids for j in batch], 4)
         step = logits.argmax(-1)  # then one decode step on the shared cache
         mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
-        out = tiny.model(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+        out = tiny.model(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos[:, None], **{tiny.cache_kwarg: cache}, use_cache=True)
         for row, job in enumerate(batch):
             alone = tiny.model(input_ids=torch.tensor([[*job.prompt_ids, int(step[row])]])).logits[0, -2:]
             assert torch.allclose(logits[row], alone[0], atol=1e-4), job.request.id
@@ -167,7 +167,7 @@ def test_shared_decode_step_matches_attention_over_the_whole_row(tiny, prefix_ap
         for step in range(3):
             tok = torch.arange(len(owner)) * 7 + 11 * step  # a different token per row
             mask = torch.cat([mask, mask.new_ones((len(owner), 1))], dim=1)
-            out = tiny.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            out = tiny.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None], **{tiny.cache_kwarg: cache}, use_cache=True)
             next_pos = next_pos + 1
             for r in range(len(owner)):
                 history[r].append(int(tok[r]))
@@ -359,3 +359,33 @@ def test_next_token_probs_share_the_common_prefix_and_match_each_text_alone(tiny
             enc, cand = eng._prefix_and_candidates(assistant_prefix_text(eng.tokenizer, messages, prefix), digits)
             alone = torch.softmax(eng.model(input_ids=torch.tensor([enc])).logits[0, -1].float(), -1)
             assert probs == pytest.approx([float(alone[c]) for c in cand], abs=1e-6)
+
+
+def test_generation_and_next_token_probs_emit_no_future_warning(tiny):
+    """transformers 5.x warns (FutureWarning) on every forward given ``past_key_values``; the engine
+    passes its KV cache under the keyword the model's forward declares (``cache`` there)."""
+    import warnings
+
+    assert tiny.cache_kwarg == "cache"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # not deduplicated by an earlier test's warning
+        texts = _texts(tiny, _reqs(SamplingParams(n=2, temperature=0.8, max_new_tokens=4, seed=0), PROMPTS[:3]))
+        probs = tiny.next_token_probs([([{"role": "user", "content": "A or B?"}], "Winner: ")], ["A", "B"])
+    assert len(texts) == 3 and len(probs[0]) == 2
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert future == []
+
+
+def test_cache_keyword_falls_back_for_models_without_a_cache_parameter():
+    from selfalign.engines.hf import cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"

@@ -28,6 +28,7 @@ need identical text.)
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,20 @@ def _grouped_attention() -> str:
     return ATTN_IMPLEMENTATION
 
 
+def cache_keyword(model) -> str:
+    """The keyword of ``model``'s forward that takes the KV cache.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache``; the old name still works there but
+    raises a ``FutureWarning`` on every forward call (so on every generation). Models whose forward
+    has no ``cache`` parameter (older transformers, remote code) get ``past_key_values``.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,6 +146,7 @@ class HFEngine(Engine):
         except OSError as e:
             raise EngineError(f"could not load model from {self.model_dir}: {e}") from None
         self.model.eval()
+        self.cache_kwarg = cache_keyword(self.model)
         self.pad_id = self._pad_id()
         self.eos_ids = self._eos_ids()
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
@@ -311,7 +327,7 @@ class HFEngine(Engine):
             if apart:
                 compute_prefix_apart(cache)
             self.model(input_ids=torch.tensor([ids[0][:shared]], device=dev), position_ids=torch.arange(shared, device=dev).unsqueeze(0),
-                       attention_mask=torch.ones((1, shared), dtype=torch.long, device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                       attention_mask=torch.ones((1, shared), dtype=torch.long, device=dev), **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
             if not apart:
                 copy_prefix(cache, shared)
         logits = []
@@ -325,7 +341,7 @@ class HFEngine(Engine):
             pos = shared + (mask[a:b, shared + width - w :].cumsum(-1) - 1).clamp(min=0)
             set_window(cache, slice(a, b), shared + width - w)
             out = self.model(input_ids=chunk.to(dev), attention_mask=mask[a:b].to(dev), position_ids=pos.to(dev),
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
             logits.append(out.logits[:, -1, :])
         set_window(cache, slice(None), shared + width)
         next_pos = torch.tensor([len(x) for x in ids], device=dev)
@@ -354,7 +370,7 @@ class HFEngine(Engine):
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1, :], mask, positions[:, -1] + 1, None
 
     @torch.inference_mode()
@@ -433,7 +449,7 @@ class HFEngine(Engine):
                 input_ids=step.unsqueeze(1),
                 attention_mask=mask,
                 position_ids=next_pos.unsqueeze(1),
-                past_key_values=cache,
+                **{self.cache_kwarg: cache},
                 use_cache=True,
             )
             logits = out.logits[:, -1, :]
