@@ -161,6 +161,86 @@ def test_gzipped_flat_file(tmp_path):
     assert build_ift([tree]).examples[0]["messages"][1]["content"] == "text of a"
 
 
+def _lang_filtered_export() -> list[dict]:
+    """A flat export filtered to English: a Spanish prompt's English replies (one with a follow-up
+    turn under it) and a follow-up prompt whose assistant parent was Spanish lost their parents."""
+    return [
+        msg("x2", "x", role="prompter"),  # below an orphan, listed before it
+        msg("r", None, role="prompter"),
+        msg("x", "es-root", rank=0),  # orphan: its Spanish prompt was filtered out
+        msg("a", "r", rank=0),
+        msg("y", "es-root", rank=1),  # orphan
+        msg("x3", "x2", rank=0),
+        msg("b", "r", rank=1),
+        msg("r2", "a", role="prompter"),
+        msg("c", "r2", rank=0),
+        msg("d", "r2", rank=1),
+        msg("p", "es-reply", role="prompter"),  # orphan: a follow-up to a Spanish reply
+        msg("p1", "p", rank=0),
+        msg("p2", "p", rank=1),
+    ]
+
+
+def test_flat_orphan_subtrees_are_dropped_and_counted(tmp_path):
+    trees = load_oasst(write_jsonl(tmp_path / "en.jsonl", _lang_filtered_export()))
+    assert [t.id for t in trees] == ["r"]
+    assert {m.id for m in trees[0].root.walk()} == {"r", "a", "b", "r2", "c", "d"}
+    assert trees.dropped == Counter({"orphan": 3})  # x (with x2, x3), y, p (with p1, p2)
+    examples, dropped = build_ift(trees)
+    assert [e["source"] for e in examples] == ["oasst:r"] and dropped == Counter({"orphan": 3})
+    groups = eft_groups(trees, first_turn_only=False)
+    assert [g["prompt_id"] for g in groups] == ["r", "r2"] and groups.dropped == Counter({"orphan": 3})
+    # the loader's counts add to the builders' own reasons
+    fr = write_jsonl(tmp_path / "mixed.jsonl", _lang_filtered_export() + [msg("f", None, role="prompter", lang="fr"),
+                                                                            msg("f1", "f", rank=0, lang="fr")])
+    assert build_ift(load_oasst(fr)).dropped == Counter({"orphan": 3, "lang": 1})
+    assert eft_groups(load_oasst(fr)).dropped == Counter({"orphan": 3, "lang": 1})
+    # a plain list of trees (no loader counts) still works
+    assert build_ift(list(trees)).dropped == Counter()
+    # a file without orphans, nested or flat, drops nothing
+    ok = load_oasst(write_jsonl(tmp_path / "ok.jsonl", [msg("r", None, role="prompter"), msg("a", "r", rank=0)]))
+    assert ok.dropped == Counter() and build_ift(ok).dropped == Counter()
+    assert load_oasst(write_jsonl(tmp_path / "n.jsonl", [nested("t1", [reply("a", 0)])])).dropped == Counter()
+
+
+def test_orphans_in_a_language_filtered_real_export(tmp_path):
+    rows = nested_to_flat(shared_file(NESTED))
+    roots = [r["message_id"] for r in rows if r["parent_id"] is None]
+    gone = set(roots[:5])  # as if these five prompts were in another language
+    children = sum(1 for r in rows if r["parent_id"] in gone)
+    kept = [r for r in rows if r["message_id"] not in gone]
+    trees = load_oasst(write_jsonl(tmp_path / "filtered.jsonl", kept))
+    assert len(trees) == len(roots) - 5 and trees.dropped == Counter({"orphan": children}) and children >= 5
+    full = build_ift(load_oasst(shared_file(NESTED)))
+    res = build_ift(trees)
+    assert res.dropped["orphan"] == children
+    assert {e["id"] for e in res.examples} <= {e["id"] for e in full.examples}
+
+
+def test_orphans_reach_the_seed_loader_and_eval_judge_summary(tmp_path, monkeypatch):
+    import selfalign.engines
+    from typer.testing import CliRunner
+
+    from scripted import ScriptedEngine
+    from selfalign.cli import app
+    from selfalign.data.seeding import load_ift
+
+    data = write_jsonl(tmp_path / "en.jsonl", _lang_filtered_export())
+    ift, dropped = load_ift(f"oasst:{data}", lang=["en"], max_examples=None, seed=0)
+    assert len(ift) == 1 and dropped == {"orphan": 3}
+
+    def judge(req, i):  # the rank-0 reply "a" scores higher than "b"
+        return "Score: 4" if "text of a" in req.messages[-1].content else "Score: 2"
+
+    monkeypatch.setattr(selfalign.engines, "create_engine", lambda m, e: ScriptedEngine(judge))
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(app, ["eval", "judge", str(data), "-k", "1", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["items"] == 1 and summary["dropped"] == {"orphan": 3}
+    assert summary["metrics"]["pairwise_accuracy"] == 1.0
+
+
 def test_hub_dataset_path(monkeypatch):
     rows = [msg("r", None, role="prompter", message_tree_id="r"), msg("a", "r", rank=0.0), msg("b", "r", rank=1.0)]
     fake = types.ModuleType("datasets")
@@ -244,16 +324,18 @@ def test_flat_errors(tmp_path):
     expect(write_jsonl(tmp_path / "role.jsonl", ok + [msg("c", "r", role="robot")]), 4,
            "field 'role'", "unknown role 'robot'")
 
-    expect(write_jsonl(tmp_path / "orphan.jsonl", ok + [msg("c", "ghost")]), 4,
-           "field 'parent_id'", "'ghost' is not in the data")
-
-    cycle = ok + [msg("x", "y", role="prompter"), msg("y", "x")]
-    text = expect(write_jsonl(tmp_path / "cycle.jsonl", cycle), 4, "field 'parent_id'", "cycle")
+    # a reply to a message that is not in the file is no error (test_flat_orphan_subtrees_are_dropped_and_counted),
+    # but a cycle or a duplicate id still is, even next to orphans
+    orphan = msg("c", "ghost")
+    cycle = ok + [orphan, msg("x", "y", role="prompter"), msg("y", "x")]
+    text = expect(write_jsonl(tmp_path / "cycle.jsonl", cycle), 5, "field 'parent_id'", "cycle")
     assert "x -> y -> x" in text
     expect(write_jsonl(tmp_path / "self.jsonl", ok + [msg("s", "s")]), 4, "field 'parent_id'", "s -> s")
 
-    expect(write_jsonl(tmp_path / "dup.jsonl", ok + [msg("a", "r", rank=2)]), 4, "field 'message_id'",
+    expect(write_jsonl(tmp_path / "dup.jsonl", ok + [orphan, msg("a", "r", rank=2)]), 5, "field 'message_id'",
            "duplicate message id 'a'", f"{tmp_path / 'dup.jsonl'}:2")
+    expect(write_jsonl(tmp_path / "dup_orphan.jsonl", ok + [orphan, msg("c", "ghost2")]), 5, "field 'message_id'",
+           "duplicate message id 'c'", f"{tmp_path / 'dup_orphan.jsonl'}:4")
 
     expect(write_jsonl(tmp_path / "root.jsonl", [msg("q", None)]), 1, "field 'role'", "prompter")
 

@@ -6,8 +6,11 @@ deciding per file from its first record: the nested tree export (one tree a line
 ``message_id`` and ``parent_id``, null for a root; trees may be interleaved in any order).
 Every message needs ``message_id``, ``role`` (``prompter``/``assistant``) and ``text``; ``lang``,
 ``rank`` (int, integral float as in the HF parquet, or null), ``deleted`` and ``synthetic`` are
-optional; other fields are ignored; children keep file order.  Every problem raises
-:class:`DataError` ``"<file>:<line>: field '<path>': <problem>"``.
+optional; other fields are ignored; children keep file order.  In the flat layout a message
+whose parent is not in the data (a language-filtered export) is left out with all its replies
+and counted in the result's ``dropped["orphan"]`` (:class:`TreeList`).  Every problem raises
+:class:`DataError` ``"<file>:<line>: field '<path>': <problem>"`` (duplicate ids, parent
+links that form a cycle, a root that is not a prompter message, a bad field).
 
 :func:`build_ift` makes supervised examples (first prompt + its rank-0 reply), :func:`eft_groups`
 collects human-ranked reply sets, :func:`agrees_with_human` checks a judge's scores against the
@@ -152,8 +155,27 @@ def _nested_tree(record: dict, where: str, seen: dict[str, str]) -> Tree:
     return Tree(root)
 
 
-def _flat_trees(rows: Iterable[tuple[str, dict]]) -> list[Tree]:
-    """Flat message rows (``where``, object) -> trees, in order of their roots."""
+class TreeList(list):
+    """:func:`load_oasst`'s output: the trees, plus ``dropped`` (a Counter of reasons).
+
+    ``dropped["orphan"]`` counts the subtrees of a flat file left out because their first
+    message's parent is not in the data (an export filtered by language, say, keeps an English
+    reply to a prompt in another language); :func:`build_ift` and :func:`eft_groups` carry
+    these counts into their own ``dropped``."""
+
+    dropped: Counter
+
+    def __init__(self, trees: Iterable[Tree] = (), dropped: Counter | None = None) -> None:
+        super().__init__(trees)
+        self.dropped = Counter(dropped or {})
+
+
+def _flat_trees(rows: Iterable[tuple[str, dict]]) -> TreeList:
+    """Flat message rows (``where``, object) -> trees, in order of their roots.
+
+    A message whose parent is not in the data is an orphan: it and all its descendants are left
+    out, counted once per orphan under ``dropped["orphan"]``. Duplicate ids, a root that is not a
+    prompter message and parent links that form a cycle are errors."""
     msgs: dict[str, Message] = {}
     where_of: dict[str, str] = {}
     for where, obj in rows:
@@ -161,24 +183,24 @@ def _flat_trees(rows: Iterable[tuple[str, dict]]) -> list[Tree]:
         if m.id in msgs:
             raise DataError(f"{where}: field 'message_id': duplicate message id {m.id!r} (first seen at {where_of[m.id]})")
         msgs[m.id], where_of[m.id] = m, where
-    roots = []
+    roots, orphans = [], []
     for mid, m in msgs.items():
         if m.parent_id is None:
             if m.role != "prompter":
                 raise DataError(f"{where_of[mid]}: field 'role': a tree's root (no parent) must be a prompter message")
             roots.append(m)
         elif m.parent_id not in msgs:
-            raise DataError(f"{where_of[mid]}: field 'parent_id': parent message {m.parent_id!r} is not in the data")
+            orphans.append(m)
         else:
             msgs[m.parent_id].children.append(m)
-    reached = {m.id for r in roots for m in r.walk()}
+    reached = {m.id for r in roots + orphans for m in r.walk()}
     for mid in (m for m in msgs if m not in reached):  # unreached = on or below a parent-link loop
         path = [mid]
         while (up := msgs[path[-1]].parent_id) not in path:
             path.append(up)
         loop = path[path.index(up):] + [up]
         raise DataError(f"{where_of[up]}: field 'parent_id': the parent links form a cycle ({' -> '.join(loop)})")
-    return [Tree(r) for r in roots]
+    return TreeList((Tree(r) for r in roots), Counter({"orphan": len(orphans)}) if orphans else None)
 
 
 def _read_objects(path: Path) -> Iterator[tuple[str, dict]]:
@@ -206,7 +228,7 @@ def _read_objects(path: Path) -> Iterator[tuple[str, dict]]:
             yield where, value
 
 
-def load_oasst_file(path: str | Path) -> list[Tree]:
+def load_oasst_file(path: str | Path) -> TreeList:
     """Read one JSONL (or ``.jsonl.gz``) file in either layout; the first record decides which."""
     path = Path(path)
     objects = _read_objects(path)
@@ -216,7 +238,7 @@ def load_oasst_file(path: str | Path) -> list[Tree]:
     where, obj = first
     if "prompt" in obj:
         seen: dict[str, str] = {}
-        trees = [_nested_tree(obj, where, seen)]
+        trees = TreeList([_nested_tree(obj, where, seen)])
         trees.extend(_nested_tree(o, w, seen) for w, o in objects)
         return trees
     if "message_id" in obj:
@@ -225,7 +247,7 @@ def load_oasst_file(path: str | Path) -> list[Tree]:
                     f"or 'message_id' (flat message layout)")
 
 
-def load_oasst(source: str | Path, *, split: str = "train") -> list[Tree]:
+def load_oasst(source: str | Path, *, split: str = "train") -> TreeList:
     """Trees from a local file (either layout) or, when no such file exists, a hub dataset name.
 
     A name such as ``"OpenAssistant/oasst1"`` is loaded with ``datasets.load_dataset(name,
@@ -289,12 +311,14 @@ def build_ift(
     no assistant reply has rank 0 (``no_ranked_reply``); the rank-0 reply fails the filters
     (``reply_lang``, ``reply_synthetic``, ...; lower-ranked replies are never promoted); or
     ``max_examples`` keeps a seeded random subset (``max_examples``, input order preserved).
+    ``dropped`` also carries the loader's counts when ``trees`` is a :class:`TreeList`
+    (``orphan``: subtrees whose parent message is not in the file).
     Example: ``{"id", "kind": "example", "task": "ift", "messages": [user, assistant],
     "source": "oasst:<root message id>"}`` with ``id = record_id("oasst-ift", root, reply)``.
     """
     langs = (lang,) if isinstance(lang, str) else lang
     examples: list[dict] = []
-    dropped: Counter = Counter()
+    dropped: Counter = Counter(getattr(trees, "dropped", None) or {})  # orphan subtrees the loader left out
     for tree in trees:
         root = tree.root
         why = _why_not(root, langs, include_synthetic, include_deleted)
@@ -343,10 +367,12 @@ def eft_groups(
     original ranks (which may have gaps once some are filtered out).  ``dropped`` counts turns
     left out: the turn itself fails the filters (``lang``, ``synthetic``...), or too few ranked
     replies remain (``too_few_ranked``).  Deeper turns whose own context fails are not visited.
+    ``dropped`` also carries the loader's counts when ``trees`` is a :class:`TreeList`
+    (``orphan``: subtrees whose parent message is not in the file).
     """
     langs = (lang,) if isinstance(lang, str) else lang
     groups = GroupList()
-    groups.dropped = Counter()
+    groups.dropped = Counter(getattr(trees, "dropped", None) or {})  # orphan subtrees the loader left out
     for tree in trees:
         stack: list[tuple[Message, list[dict], int]] = [(tree.root, [], 0)]
         while stack:
