@@ -483,7 +483,11 @@ def test_cli_prints_the_table_and_reports_errors(tmp_path, monkeypatch):
     assert "wins / ties / losses" in r.output and "4 / 0 / 0" in r.output and "100.0%" in r.output
     s = json.loads((out / "summary.json").read_text())
     assert s["kind"] == "winrate" and s["judge"] == {"model": "judge", "template": "pairwise", "verdict": "sampled",
-                                                      "max_new_tokens": 256, "temperature": 0.0, "seed": 0}
+                                                      "verdict_requested": "auto", "max_new_tokens": 256,
+                                                      "temperature": 0.0, "seed": 0}
+    # the scripted judge has no token probabilities: auto falls back to sampled and says so, even without progress
+    assert "note: the scripted judge engine reports no token probabilities" in " ".join(r.output.split())
+    assert "(auto)" in r.output and s["warnings"] == []  # the table's judge row: "sampled verdict (auto)"
     partial = tmp_path / "partial.jsonl"
     partial.write_text(json.dumps({"prompt": PROMPTS[0], "output": "r"}) + "\n", encoding="utf-8")
     r = runner.invoke(app, [*args[:4], "--b", str(partial), *args[6:]])
@@ -497,6 +501,183 @@ def test_outputs_object_passes_through(tmp_path):
     s = winrate(prompts, Outputs("gen", ["a b c"], [3]), Outputs("ref", ["d"]), ScriptedEngine(longer_wins),
                 out_dir=tmp_path / "o", show_progress=False)
     assert (s["a"], s["b"], s["mean_tokens_a"], s["mean_tokens_b"]) == ("gen", "ref", 3.0, None)
+
+
+# ---------------------------------------------------------------- default verdict and the unparsed warning
+def garbage(request, i) -> str:
+    return "Both answers have their merits."  # never a Winner line
+
+
+def _probs_follow_length(messages, prefix):
+    r = _BLOCK.findall(messages[-1]["content"])
+    la, lb = (len(t) for _, t in r)
+    return [0.7, 0.3] if la > lb else [0.3, 0.7]
+
+
+def test_auto_verdict_is_forced_where_the_judge_reports_token_probabilities(tmp_path):
+    prompts = _prompts(tmp_path)
+    judge = ForcedEngine(garbage, _probs_follow_length)  # writes no Winner line, but has probabilities
+    assert judge.reports_token_probs and not ScriptedEngine(garbage).reports_token_probs
+    notes: list[str] = []
+    s = winrate(prompts, ["a long answer"] * 4, ["short"] * 4, judge, out_dir=tmp_path / "o", show_progress=False,
+                log=notes.append)
+    assert (s["judge"]["verdict"], s["judge"]["verdict_requested"]) == ("forced", "auto")
+    assert (s["wins"], s["unparsed"], s["unparsed_judgments"]) == (4, 0, 0)
+    assert len(judge.probes) == 8 and notes == [] and s["warnings"] == []
+    recs = [json.loads(x) for x in (tmp_path / "o" / "judgments.jsonl").read_text().splitlines()]
+    assert all(len(r["verdict_probs"]) == 2 and r["sampled_parse_error"] == "no Winner line" for r in recs)
+    # the judgments of an explicit --verdict forced are the same ones: a rerun with it reuses them all
+    again = winrate(prompts, ["a long answer"] * 4, ["short"] * 4, ForcedEngine(garbage, _probs_follow_length),
+                    verdict="forced", out_dir=tmp_path / "o", show_progress=False)
+    assert again["judged_now"] == 0 and again["judge"]["verdict_requested"] == "forced"
+
+
+def test_auto_verdict_falls_back_to_sampled_with_a_note(tmp_path):
+    notes: list[str] = []
+    s = winrate(_prompts(tmp_path), ["a long answer"] * 4, ["short"] * 4, ScriptedEngine(longer_wins),
+                out_dir=tmp_path / "o", show_progress=False, log=notes.append)
+    assert (s["judge"]["verdict"], s["judge"]["verdict_requested"], s["wins"]) == ("sampled", "auto", 4)
+    assert len(notes) == 1 and notes[0].startswith("note: the scripted judge engine reports no token probabilities")
+    assert "--verdict sampled" in notes[0]
+    # no reasoning (0 tokens) needs the forced verdict, which auto cannot pick here
+    with pytest.raises(ConfigError, match="auto chose sampled"):
+        winrate(_prompts(tmp_path), ["x"] * 4, ["y"] * 4, ScriptedEngine(longer_wins), max_new_tokens=0,
+                out_dir=tmp_path / "o2", show_progress=False, log=notes.append)
+
+
+def test_an_explicit_verdict_wins_over_auto(tmp_path):
+    prompts = _prompts(tmp_path)
+    judge = ForcedEngine(longer_wins, _probs_follow_length)
+    s = winrate(prompts, ["a long answer"] * 4, ["short"] * 4, judge, verdict="sampled", out_dir=tmp_path / "o",
+                show_progress=False)
+    assert s["judge"]["verdict"] == "sampled" and judge.probes == []  # probabilities never asked for
+    scripted = ScriptedEngine(longer_wins)
+    with pytest.raises(EngineError, match="--verdict sampled"):
+        winrate(prompts, ["x"] * 4, ["y"] * 4, scripted, verdict="forced", out_dir=tmp_path / "o2", show_progress=False)
+    assert scripted.requests == []  # refused before the judge wrote anything
+
+
+def test_warning_when_most_verdicts_are_unparsed(tmp_path, caplog):
+    notes: list[str] = []
+    s = winrate(_prompts(tmp_path), ["x"] * 4, ["y"] * 4, ScriptedEngine(garbage), out_dir=tmp_path / "o",
+                show_progress=False, log=notes.append)
+    assert (s["unparsed"], s["unparsed_judgments"], s["win_rate"], s["ci95"]) == (4, 8, 0.5, [0.5, 0.5])
+    (w,) = s["warnings"]
+    assert w.startswith("warning: 8 of 8 judgments (100%) gave no verdict (no Winner line 8)")
+    assert "4 of 4 items count as ties" in w and "--verdict forced" in w
+    assert notes[-1] == w
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["warnings"] == [w]
+    # without a log the warning goes to this module's logger
+    with caplog.at_level("WARNING", logger="selfalign.eval.winrate"):
+        winrate(_prompts(tmp_path), ["x"] * 4, ["y"] * 4, ScriptedEngine(garbage), out_dir=tmp_path / "o",
+                show_progress=False)
+    assert any("8 of 8 judgments" in r.getMessage() for r in caplog.records)
+
+
+def test_no_warning_when_at_most_half_the_verdicts_are_unparsed(tmp_path):
+    def half(request, i):  # a verdict only for the first two prompts: 4 of 8 judgments unparsed
+        return longer_wins(request, i) if any(p in request.messages[-1].content for p in PROMPTS[:2]) else garbage(request, i)
+
+    def five(request, i):  # the third prompt's a_first judgment parses too: 3 of 8 unparsed
+        shown = _shown(request)
+        ok = any(p in request.messages[-1].content for p in PROMPTS[:2]) or (
+            PROMPTS[2] in request.messages[-1].content and shown["a"] == "a long answer")
+        return longer_wins(request, i) if ok else garbage(request, i)
+
+    a, b = ["a long answer"] * 4, ["short"] * 4
+    s = winrate(_prompts(tmp_path), a, b, ScriptedEngine(half), out_dir=tmp_path / "o", show_progress=False, log=print)
+    assert (s["unparsed_judgments"], s["warnings"]) == (4, [])
+    s = winrate(_prompts(tmp_path), a, b, ScriptedEngine(five), out_dir=tmp_path / "o2", show_progress=False, log=print)
+    assert (s["unparsed_judgments"], s["warnings"]) == (3, [])
+    from selfalign.eval.winrate import unparsed_warning
+
+    assert unparsed_warning(4, 8, 2, 4, "sampled", {}) is None
+    assert unparsed_warning(5, 8, 3, 4, "sampled", {}).startswith("warning: 5 of 8 judgments (62%)")
+    assert "equal P(A) and P(B)" in unparsed_warning(5, 8, 3, 4, "forced", {"equal probabilities for A and B": 5})
+    assert unparsed_warning(0, 0, 0, 0, "sampled", {}) is None
+
+
+def test_cli_default_verdict_and_warning(tmp_path, monkeypatch):
+    import selfalign.engines
+
+    class Factory(_Factory):
+        def __init__(self, judge):
+            super().__init__()
+            self.judge = judge
+
+        def __call__(self, model_cfg, engine_cfg):
+            return self.judge if model_cfg.spec == "judge" else super().__call__(model_cfg, engine_cfg)
+
+    prompts = _prompt_file(tmp_path)
+    base = ["eval", "winrate", "--a", "m-long", "--b", "m-short", "--prompts", str(prompts), "--judge-model", "judge",
+            "--no-progress"]
+    monkeypatch.setattr(selfalign.engines, "create_engine", Factory(ForcedEngine(garbage, _probs_follow_length)))
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "forced")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "forced" / "summary.json").read_text())
+    assert (s["judge"]["verdict"], s["wins"], s["warnings"]) == ("forced", 4, [])
+    assert "forced" in r.output and "(auto)" in r.output and "note:" not in r.output and "warning:" not in r.output
+
+    monkeypatch.setattr(selfalign.engines, "create_engine", Factory(ScriptedEngine(garbage)))
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "sampled")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "sampled" / "summary.json").read_text())
+    assert (s["judge"]["verdict"], s["unparsed"], s["win_rate"]) == ("sampled", 4, 0.5)
+    out = " ".join(r.output.split())
+    assert "note: the scripted judge engine reports no token probabilities" in out
+    assert "warning: 8 of 8 judgments (100%) gave no verdict" in out and s["warnings"] and s["warnings"][0] in out
+
+    monkeypatch.setattr(selfalign.engines, "create_engine", Factory(ScriptedEngine(garbage)))
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "explicit"), "--verdict", "forced"])
+    assert r.exit_code == 2 and "--verdict forced needs next-token probabilities" in " ".join(r.output.split())
+
+
+def test_run_config_winrate_hook_defaults_to_auto(tmp_path, monkeypatch):
+    """eval.winrate after an iteration: the default verdict is forced on a judge with probabilities,
+    sampled (with a note and the warning in the run's log) on one without."""
+    import selfalign.engines
+    import selfalign.models
+    import selfalign.recipes.steps
+    from selfalign.recipes.config import SelfRewardingConfig, WinrateHook
+    from selfalign.recipes.evals import run_iteration_evals
+    from selfalign.run import Run
+
+    assert WinrateHook().verdict == "auto"
+    with pytest.raises(ValueError):
+        WinrateHook(verdict="maybe")
+
+    class Gen:  # M_t / M_t+1 for generation: iter_1 answers at length, sft briefly
+        def __init__(self, cfg, model, parent, label, log):
+            self.model = model
+
+        def __call__(self):
+            return ScriptedEngine(_gen_reply("very long and helpful" if "iter_" in str(self.model) else "meh"))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(selfalign.recipes.steps, "GenerationModel", Gen)
+    monkeypatch.setattr(selfalign.models, "resolve_model", lambda spec, **kw: tmp_path / "base")
+    prompts = _prompt_file(tmp_path)
+
+    def run_hook(name, judge):
+        monkeypatch.setattr(selfalign.engines, "create_engine", lambda m, e: judge)
+        cfg = SelfRewardingConfig(name=name, runs_dir=str(tmp_path / "runs"))
+        cfg.eval.winrate.enabled, cfg.eval.winrate.prompts, cfg.eval.winrate.limit = True, str(prompts), 4
+        run = Run.open(tmp_path / "runs" / name, cfg.model_dump(mode="json"))
+        logged: list[str] = []
+        out = run_iteration_evals(run, cfg, 1, [], run.root / "iter_1" / "model", run.root / "sft" / "model", [],
+                                  logged.append, False)
+        return json.loads((run.root / "iter_1" / "eval_winrate.json").read_text()), out, logged
+
+    s, out, logged = run_hook("probs", ForcedEngine(garbage, _probs_follow_length))
+    assert (s["judge"]["verdict"], s["judge"]["verdict_requested"], s["wins"], s["warnings"]) == ("forced", "auto", 4, [])
+    assert out["win_rate_vs_previous"] == 1.0 and not any("note:" in m or "warning:" in m for m in logged)
+
+    s, out, logged = run_hook("noprobs", ScriptedEngine(garbage))
+    assert (s["judge"]["verdict"], s["unparsed"]) == ("sampled", 4) and len(s["warnings"]) == 1
+    assert any(m.startswith("[iter_1] eval.winrate: note: the scripted judge engine") for m in logged)
+    assert f"[iter_1] eval.winrate: {s['warnings'][0]}" in logged
 
 
 # ---------------------------------------------------------------- the real embedded model

@@ -118,6 +118,15 @@ class Engine(abc.ABC):
         """
         raise NotImplementedError(f"the {self.name} engine cannot report next-token probabilities")
 
+    @property
+    def reports_token_probs(self) -> bool:
+        """Whether :meth:`next_token_probs` works on this engine (it overrides the base method).
+
+        ``hf`` and ``vllm`` do; ``openai`` does not (it asks its server for text only). Callers use
+        it to pick a scoring that needs probabilities (forced verdicts, expected scores) only where
+        it can run."""
+        return type(self).next_token_probs is not Engine.next_token_probs
+
     def describe(self) -> dict:
         """What identifies this engine's outputs (stored with every record)."""
         return {"engine": self.name}

@@ -26,7 +26,11 @@ Verdicts: ``"sampled"`` reads the judge's last ``Winner: A|B`` line with
 parse failure). ``"forced"`` lets the judge write its reasoning (``max_new_tokens`` tokens; 0
 skips it), cuts any ``Winner`` line it wrote, appends ``Winner: `` and takes the more probable
 of the next tokens ``A`` and ``B`` (:meth:`Engine.next_token_probs`); it fails only when both
-probabilities are equal or the response generation errored.
+probabilities are equal or the response generation errored. ``"auto"`` (the default,
+:func:`choose_verdict`) is ``forced`` when the judge engine reports token probabilities
+(:attr:`Engine.reports_token_probs`: ``hf``, ``vllm``) and ``sampled`` otherwise (``openai``),
+with a note. When more than half of the single judgments have no verdict the summary's
+``warnings`` says so (and it is logged): such a win rate is mostly ties by construction.
 
 Files in ``out_dir``: ``judgments.jsonl`` (one record per item and order, resumable with
 :class:`JsonlWriter`, ids from :func:`record_id` over the prompt, both texts in shown order
@@ -38,6 +42,7 @@ and the judge fingerprint) and ``summary.json``. Public API: :func:`winrate`,
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -71,6 +76,7 @@ __all__ = [
     "Outputs",
     "Side",
     "bootstrap_ci",
+    "choose_verdict",
     "combine_orders",
     "first_position_share",
     "generate_outputs",
@@ -88,8 +94,12 @@ __all__ = [
 
 PAIRWISE_VARIABLES = frozenset({"instruction", "response_a", "response_b"})
 ORDERS = ("a_first", "b_first")
-VERDICTS = ("sampled", "forced")
+VERDICTS = ("sampled", "forced")  # how a verdict is read
+VERDICT_CHOICES = ("auto", *VERDICTS)  # what a caller may ask for: auto = forced where the judge has token probabilities
+UNPARSED_WARN_SHARE = 0.5  # warn when more than this share of the single judgments has no verdict
 CONVENTION = "win_rate = (wins + 0.5 * ties) / n; strict_win_rate = wins / n; unparsed items count as ties"
+
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- pure logic
@@ -449,6 +459,43 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
+def choose_verdict(verdict: str, engine: Engine) -> tuple[str, str | None]:
+    """The verdict (``"sampled"`` or ``"forced"``) to read for the requested ``verdict``, and a
+    note when ``"auto"`` had to fall back to ``"sampled"``.
+
+    ``"auto"`` is ``"forced"`` when ``engine`` reports next-token probabilities
+    (:attr:`Engine.reports_token_probs`), else ``"sampled"``; ``"sampled"`` and ``"forced"``
+    are kept as asked (:func:`winrate` refuses ``"forced"`` on an engine without probabilities).
+    """
+    if verdict not in VERDICT_CHOICES:
+        raise ConfigError(f"verdict must be one of {', '.join(VERDICT_CHOICES)}, got {verdict!r}")
+    if verdict != "auto":
+        return verdict, None
+    if engine.reports_token_probs:
+        return "forced", None
+    return "sampled", (
+        f"note: the {engine.name} judge engine reports no token probabilities, so the verdict is read from its "
+        f"'Winner: A|B' line (--verdict sampled) instead of the forced verdict; judges that seldom write that line "
+        f"leave items unparsed (ties)"
+    )
+
+
+def unparsed_warning(unparsed: int, judgments: int, items_unparsed: int, n: int, verdict: str,
+                     errors: Mapping[str, int]) -> str | None:
+    """The warning for a judge that gave no verdict in more than half of its ``judgments`` (else None)."""
+    if not judgments or unparsed <= UNPARSED_WARN_SHARE * judgments:
+        return None
+    kinds = ", ".join(f"{k} {v}" for k, v in list(errors.items())[:3])
+    if verdict == "sampled":
+        hint = ("the judge seldom ends with a 'Winner: A' or 'Winner: B' line: use --verdict forced (verdict: forced; "
+                "needs a judge engine with token probabilities, hf or vllm) or a stronger judge")
+    else:
+        hint = "forced verdicts fail only on generation errors or equal P(A) and P(B): check the judge's outputs"
+    return (f"warning: {unparsed} of {judgments} judgments ({100 * unparsed / judgments:.0f}%) gave no verdict"
+            f"{f' ({kinds})' if kinds else ''}; {items_unparsed} of {n} items count as ties for that reason, so the "
+            f"win rate is pulled towards 50% and says little; {hint}")
+
+
 def judge_fingerprint(tpl: Template, verdict: str, max_new_tokens: int, temperature: float, top_p: float, seed: int,
                       engine: Engine) -> dict:
     """What defines a verdict (the judgments file's fingerprint)."""
@@ -481,7 +528,7 @@ def _decide(batch: list[tuple[_Planned, object | None]], verdict: str, engine: E
     try:
         probs = engine.next_token_probs(probes, ["A", "B"]) if probes else []
     except NotImplementedError as e:
-        raise EngineError(f"--verdict forced needs next-token probabilities from the judge: {e}; use --verdict sampled") from None
+        raise EngineError(f"--verdict forced needs next-token probabilities from the judge: {e}; use --verdict sampled (or auto)") from None
     for i, (pa, pb) in zip(idx, probs):
         p, text, tokens, v, _ = rows[i]
         extra = {"sampled_verdict": v.winner, "sampled_parse_error": None if v.error == "not asked" else v.error,
@@ -498,7 +545,7 @@ def winrate(
     judge_engine: Engine,
     *,
     template: Template | str = "pairwise",
-    verdict: str = "sampled",
+    verdict: str = "auto",
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -509,21 +556,32 @@ def winrate(
     judge_label: str | None = None,
     resamples: int = 2000,
     batch_size: int = 8,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Judge A's against B's response to every prompt in both orders; write ``judgments.jsonl``
     and ``summary.json`` in ``out_dir`` and return the summary (see the module docstring).
 
     ``a_outputs``/``b_outputs``: :class:`Outputs` (from :func:`generate_outputs` or
     :func:`load_outputs`), texts aligned with ``prompts``, or a mapping prompt id -> text.
+    ``verdict``: ``"auto"`` (forced where the judge engine reports token probabilities, else
+    sampled: :func:`choose_verdict`), ``"sampled"`` or ``"forced"``.
     ``max_new_tokens``/``temperature``/``top_p``/``seed``: the judge's sampling (0 tokens only
-    with ``verdict="forced"``). Judgments already in the file are reused, so a rerun continues
-    and a finished one asks the judge nothing.
+    with the forced verdict). Judgments already in the file are reused, so a rerun continues
+    and a finished one asks the judge nothing. ``log`` receives the auto-verdict note and the
+    warnings (default: this module's logger); the warnings are also in the summary's ``warnings``.
     """
     t0 = time.monotonic()
-    if verdict not in VERDICTS:
-        raise ConfigError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+    say = log or _log.warning
+    requested = verdict
+    verdict, note = choose_verdict(verdict, judge_engine)
     if max_new_tokens < 0 or (max_new_tokens == 0 and verdict != "forced"):
-        raise ConfigError("the judge's max_new_tokens must be >= 1 (0, no reasoning, only with the forced verdict)")
+        why = f" (auto chose sampled: the {judge_engine.name} judge engine reports no token probabilities)" if note else ""
+        raise ConfigError(f"the judge's max_new_tokens must be >= 1 (0, no reasoning, only with the forced verdict){why}")
+    if note:
+        say(note)
+    if verdict == "forced" and not judge_engine.reports_token_probs:
+        raise EngineError(f"--verdict forced needs next-token probabilities from the judge: the {judge_engine.name} "
+                          f"engine cannot report them; use --verdict sampled (or auto)")
     prompts = list(prompts)
     if not prompts:
         raise DataError("no prompts to compare on")
@@ -604,7 +662,8 @@ def winrate(
         "judge": {
             "model": judge_label or str(judge_engine.describe().get("model", judge_engine.name)),
             "template": template if isinstance(template, str) else tpl.origin,
-            "verdict": verdict, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+            "verdict": verdict, "verdict_requested": requested, "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "seed": seed,
         },
         "n": len(prompts),
         "wins": outcome["win"],
@@ -632,7 +691,13 @@ def winrate(
         "reused": len(plan) - asked,
         "judge_tokens_now": tokens_now,
         "seconds": round(time.monotonic() - t0, 2),
+        "warnings": [],
     }
+    warn = unparsed_warning(summary["unparsed_judgments"], len(judgments), status["unparsed"], len(prompts), verdict,
+                            dict(errors.most_common()))
+    if warn:
+        summary["warnings"].append(warn)
+        say(warn)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -657,7 +722,7 @@ def run_winrate(
     base_url: str | None = None,
     dtype: str = "auto",
     template: str = "pairwise",
-    verdict: str = "sampled",
+    verdict: str = "auto",
     limit: int | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.7,
@@ -679,11 +744,12 @@ def run_winrate(
     """
     if engine_factory is None:
         from selfalign.engines import create_engine as engine_factory
+    notes = log  # the auto-verdict note and the warnings: the caller's log, else this module's logger
     log = log or (lambda _msg: None)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
-    if verdict not in VERDICTS:
-        raise ConfigError(f"--verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+    if verdict not in VERDICT_CHOICES:
+        raise ConfigError(f"--verdict must be one of {', '.join(VERDICT_CHOICES)}, got {verdict!r}")
     for name, kind in (("--engine", engine), ("--judge-engine", judge_engine)):
         if kind not in ("hf", "openai"):
             raise ConfigError(f"{name} must be hf or openai, got {kind!r}")
@@ -730,11 +796,14 @@ def run_winrate(
                 )
                 release(role)
         judge = get((judge_model, judge_engine, judge_base_url))
-        log(f"judging {len(prompts)} pairs in both orders with {judge_model} ({verdict} verdict) -> {out / 'judgments.jsonl'}")
+        chosen, _ = choose_verdict(verdict, judge)
+        how = f"{chosen} verdict" + (" (auto)" if verdict == "auto" else "")
+        log(f"judging {len(prompts)} pairs in both orders with {judge_model} ({how}) -> {out / 'judgments.jsonl'}")
         summary = winrate(
             prompts, outs["a"], outs["b"], judge, template=template, verdict=verdict,
             max_new_tokens=judge_max_new_tokens, temperature=judge_temperature, seed=seed, out_dir=out,
             show_progress=show_progress, prompts_label=str(prompts_path), judge_label=judge_model, resamples=resamples,
+            log=notes,
         )
     finally:
         for e in engines.values():

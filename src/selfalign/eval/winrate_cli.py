@@ -41,7 +41,8 @@ def summary_table(s: dict) -> Table:
         ("mean tokens A / B", f"{_fmt(s.get('mean_tokens_a'))} / {_fmt(s.get('mean_tokens_b'))}"),
         ("judge picked the first-shown response", _fmt(s["first_position_share"], True) + "  (50% = no position bias)"),
         ("items whose two orders disagree", _fmt(s["order_disagreement"], True)),
-        ("judge", f"{s['judge']['model']}  template {s['judge']['template']}, {s['judge']['verdict']} verdict"),
+        ("judge", f"{s['judge']['model']}  template {s['judge']['template']}, {s['judge']['verdict']} verdict"
+                  + (" (auto)" if s["judge"].get("verdict_requested") == "auto" else "")),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -57,7 +58,7 @@ def winrate(
     judge_engine: Annotated[str, typer.Option(help="Judge engine: hf or openai.")] = "hf",
     judge_base_url: Annotated[str | None, typer.Option(help="Base URL of the judge's OpenAI-compatible server.")] = None,
     template: Annotated[str, typer.Option(help="Pairwise judge template: built-in name (pairwise) or a .jinja path using instruction, response_a, response_b.")] = "pairwise",
-    verdict: Annotated[str, typer.Option(help="sampled: read the judge's last 'Winner: A|B' line; forced: after its reasoning force 'Winner: ' and take the likelier of A/B (hf judge only).")] = "sampled",
+    verdict: Annotated[str, typer.Option(help="auto: forced where the judge engine reports token probabilities (hf), else sampled (openai), with a note; sampled: read the judge's last 'Winner: A|B' line; forced: after its reasoning force 'Winner: ' and take the likelier of A/B (hf judge only). A warning is printed when over half the verdicts are unparsed.")] = "auto",
     engine: Annotated[str, typer.Option(help="Engine generating for model sides: hf or openai.")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="Base URL of the OpenAI-compatible server generating for model sides.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32 (hf engines).")] = "auto",
@@ -77,6 +78,12 @@ def winrate(
     from selfalign.errors import SelfAlignError
 
     t0 = time.monotonic()
+
+    def say(m: str) -> None:
+        err_console.print(m, highlight=False, markup=False, soft_wrap=True)
+
+    # progress messages only with progress bars; the verdict note and warnings always
+    log = say if progress else (lambda m: say(m) if m.startswith(("note:", "warning:")) else None)
     try:
         from selfalign.eval.winrate import run_winrate
 
@@ -86,7 +93,7 @@ def winrate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             judge_max_new_tokens=judge_max_new_tokens, judge_temperature=judge_temperature, seed=seed,
             resamples=resamples, out_dir=out, show_progress=progress,
-            log=(lambda m: err_console.print(m, highlight=False, markup=False)) if progress else None,
+            log=log,
         )
     except SelfAlignError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)

@@ -124,7 +124,11 @@ class WinrateHook(StrictModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     judge_model: str | None = Field(None, description="model spec of the judge; default: the run's base model (model.spec)")
     template: str = Field("pairwise", description="built-in name or a pairwise template file")
-    verdict: Literal["sampled", "forced"] = Field("sampled", description="forced: P('A') vs P('B') after 'Winner: ' (hf engine)")
+    verdict: Literal["auto", "sampled", "forced"] = Field(
+        "auto",
+        description="auto: forced where the judge's engine reports token probabilities (hf, vllm), else sampled; "
+        "sampled: the judge's last 'Winner:' line; forced: P('A') vs P('B') after 'Winner: '",
+    )
     judge_max_new_tokens: int = Field(192, ge=0, description="the judge's reasoning before its verdict (0 only with forced)")
     judge_temperature: float = Field(0.0, ge=0.0)
 

@@ -103,7 +103,7 @@ def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> di
                     prompts, outputs[a_label], outputs[b_label], judge, template=w.template, verdict=w.verdict,
                     max_new_tokens=w.judge_max_new_tokens, temperature=w.judge_temperature, seed=cfg.seed + 5000 + t,
                     out_dir=run.root / it / "eval_winrate", show_progress=show_progress, prompts_label=w.prompts,
-                    judge_label=judge_spec,
+                    judge_label=judge_spec, log=lambda m: log(f"[{it}] eval.winrate: {m}"),
                 )
             atomic_write_json(run.root / it / "eval_winrate.json", summary)
             st.finish({k: summary.get(k) for k in ("n", "wins", "ties", "losses", "win_rate")})
