@@ -98,7 +98,7 @@ class JudgeSettings(StrictModel):
 
     template: str = Field("judge", description="built-in template name or a template file path")
     k: int = Field(3, ge=1, description="judgments per reply; a reply's score is the mean of the parsable ones")
-    scoring: Literal["sampled", "expected"] = "sampled"
+    scoring: Literal["sampled", "expected", "direct"] = "sampled"
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
@@ -382,7 +382,9 @@ def evaluate_judge(
         "template": template, "k": k, "scoring": scoring, "temperature": temperature, "top_p": top_p,
         "max_new_tokens": max_new_tokens, "seed": seed, "engine": described,
     }
-    return evaluate_reward(reward, items, out_dir=out_dir, expected=k, judge_info=info, data=data,
+    if scoring == "direct":
+        info.update(k=1, temperature=None, top_p=None, max_new_tokens=0, seed=None)  # nothing is sampled
+    return evaluate_reward(reward, items, out_dir=out_dir, expected=reward.judgments_per_response, judge_info=info, data=data,
                            score_range=(reward.min_score, reward.max_score), show_progress=show_progress)
 
 

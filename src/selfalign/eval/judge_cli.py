@@ -24,7 +24,7 @@ def judge(
     base_url: Annotated[Optional[str], typer.Option(help="Base URL of an OpenAI-compatible server (engine openai).")] = None,
     template: Annotated[Optional[str], typer.Option(help="Judge template: built-in name (judge) or a template file.")] = None,
     k: Annotated[Optional[int], typer.Option("-k", help="Judgments per reply (a reply's score is their mean). (default 3)")] = None,
-    scoring: Annotated[Optional[str], typer.Option(help="sampled (the 'Score:' line) or expected (digit probabilities). (default sampled)")] = None,
+    scoring: Annotated[Optional[str], typer.Option(help="sampled (the 'Score:' line), expected (reasoning, then digit probabilities) or direct (digit probabilities with no reasoning). (default sampled)")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Judge sampling temperature. (default 0.7)")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Judge nucleus sampling mass. (default 0.9)")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per judgment. (default 256)")] = None,

@@ -76,11 +76,12 @@ class RespondConfig(StrictModel):
 class JudgeConfig(StrictModel):
     kind: Literal["llm", "function", "classifier"] = "llm"
     k: int = Field(3, ge=1, description="judgments per candidate (LLM judge)")
-    scoring: Literal["sampled", "expected"] = Field(
+    scoring: Literal["sampled", "expected", "direct"] = Field(
         "sampled",
         description="sampled: the score on the judgment's last 'Score:' line (the paper); expected: after the "
         "judgment's reasoning, 'Score: ' is forced and the score is the probability-weighted mean of the digits "
-        "(never fails to parse, fewer ties; needs an engine that reports token probabilities)",
+        "(never fails to parse, fewer ties; needs an engine that reports token probabilities); direct: no "
+        "reasoning, the probability-weighted digit right after 'Score: ' (one judgment per candidate, k unused)",
     )
     template: str = Field("judge", description="built-in template name or a template file path")
     temperature: float = Field(0.7, ge=0.0)
@@ -108,7 +109,7 @@ class JudgeEvalHook(StrictModel):
 
     enabled: bool = False
     k: int = Field(3, ge=1, description="judgments per reply, averaged")
-    scoring: Literal["sampled", "expected"] | None = Field(None, description="default: judge.scoring")
+    scoring: Literal["sampled", "expected", "direct"] | None = Field(None, description="default: judge.scoring")
     max_new_tokens: int | None = Field(None, ge=8, description="default: judge.max_new_tokens")
 
 

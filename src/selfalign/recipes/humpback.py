@@ -132,7 +132,7 @@ def curate_step(
                 judge = LLMJudge(engine(), template=c.template, k=c.judgments, temperature=c.temperature, top_p=c.top_p,
                                  max_new_tokens=c.max_new_tokens, seed=cfg.seed + 2000 + r, scoring=c.scoring, min_score=1, max_score=5)
                 with st.writer() as w:
-                    stats = run_judge(judge, as_responses(augmented), w, expected=c.judgments, show_progress=show_progress)
+                    stats = run_judge(judge, as_responses(augmented), w, expected=judge.judgments_per_response, show_progress=show_progress)
                 st.finish(stats.as_dict())
         finally:
             engine.close()

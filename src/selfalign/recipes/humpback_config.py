@@ -36,7 +36,7 @@ class CurateConfig(StrictModel):
     template: str = Field("curate", description="built-in name or a template file path (variables: instruction, response)")
     k: int = Field(5, ge=1, le=5, description="keep pairs rated at least k (the paper keeps 5)")
     judgments: int = Field(1, ge=1, description="ratings per pair, averaged")
-    scoring: Literal["sampled", "expected"] = Field(
+    scoring: Literal["sampled", "expected", "direct"] = Field(
         "sampled", description="sampled: the last 'Score:' line; expected: digit probabilities after a forced 'Score: '"
     )
     temperature: float = Field(0.7, ge=0.0)

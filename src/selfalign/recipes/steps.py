@@ -114,9 +114,8 @@ def judge_step(stage: Stage, cfg, t: int, engine, responses: list[dict], show_pr
         return
     with stage as st:
         reward = make_reward(cfg, engine, t)
-        expected = cfg.judge.k if cfg.judge.kind == "llm" else 1
         with st.writer() as w:
-            stats = run_judge(reward, responses, w, expected=expected, show_progress=show_progress)
+            stats = run_judge(reward, responses, w, expected=reward.judgments_per_response, show_progress=show_progress)
         st.finish(stats.as_dict())
 
 

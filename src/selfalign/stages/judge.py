@@ -5,7 +5,9 @@ A *reward* turns (instruction, response) pairs into judgment records. Three kind
 - :class:`LLMJudge` (the Self-Rewarding default): the model itself grades each response
   with the additive 5-point rubric template, ``k`` sampled judgments per response sharing
   one prefill. Only the judge's own completion is parsed (last ``Score:`` line); a
-  response that contains "Score: 5" cannot move its own score.
+  response that contains "Score: 5" cannot move its own score. ``scoring="direct"``
+  generates no reasoning: the assistant turn is opened with ``Score: `` and the score is the
+  probability-weighted mean of the digits (one deterministic judgment per response).
 - :class:`FunctionReward`: any Python callable ``f(instruction, response) -> float``
   (tests, verifiable constraints, programmatic checks).
 - :class:`ClassifierReward`: an HF sequence-classification reward model (scalar head).
@@ -63,6 +65,11 @@ class Reward:
     def fingerprint(self) -> dict:
         return {"reward": self.name}
 
+    @property
+    def judgments_per_response(self) -> int:
+        """How many judgment records :meth:`judge` writes for each response."""
+        return 1
+
     def judge(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
         """Yield ``(response, judgments, tokens_generated)`` per response, in any order."""
         raise NotImplementedError
@@ -95,14 +102,25 @@ class LLMJudge(Reward):
     seed: int = 0
     min_score: int = 0
     max_score: int = 5
-    scoring: str = "sampled"  # or "expected": probability-weighted score after a forced "Score: "
+    # "sampled": the last "Score:" line; "expected": reasoning, then the probability-weighted digit
+    # after a forced "Score: "; "direct": no reasoning, the digit right after an opened "Score: "
+    scoring: str = "sampled"
     probe_batch: int = 4  # responses whose judgments are probed (and then written) together
     name: str = field(default="llm_judge")
 
     def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
         self._template = load_template(self.template)
 
+    @property
+    def judgments_per_response(self) -> int:
+        return 1 if self.scoring == "direct" else self.k
+
     def fingerprint(self) -> dict:
+        if self.scoring == "direct":  # nothing is sampled: only the template and the model matter
+            return {"reward": self.name, "template": config_hash(self._template.source), "scoring": "direct",
+                    "min_score": self.min_score, "max_score": self.max_score, "generator": self.engine.describe()}
         return {
             "reward": self.name,
             "template": config_hash(self._template.source),
@@ -116,6 +134,9 @@ class LLMJudge(Reward):
         }
 
     def judge(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
+        if self.scoring == "direct":
+            yield from self._judge_direct(responses)
+            return
         fp = config_hash(self.fingerprint())
         params = SamplingParams(
             n=self.k, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed
@@ -136,6 +157,26 @@ class LLMJudge(Reward):
         if buffer:
             yield from self._score(buffer, by_id, fp)
 
+    def messages(self, response: dict) -> list[dict]:
+        """The judge's chat prompt for one response record."""
+        return [{"role": "user", "content": judge_prompt(self._template, instruction_of(response), response["response"])}]
+
+    def _judge_direct(self, responses: Sequence[dict]) -> Iterator[tuple[dict, list[dict], int]]:
+        fp = config_hash(self.fingerprint())
+        digits = [str(d) for d in range(self.min_score, self.max_score + 1)]
+        step = max(self.probe_batch, DIRECT_BATCH)
+        for start in range(0, len(responses), step):
+            chunk = responses[start : start + step]
+            try:
+                all_probs = self.engine.next_token_probs([(self.messages(r), "Score: ") for r in chunk], digits)
+            except NotImplementedError as e:
+                raise EngineError(f"judge.scoring 'direct' needs token probabilities: {e}; use judge.scoring: sampled") from None
+            for r, probs in zip(chunk, all_probs):
+                value, error = expected_digit(probs, digits)
+                j = _judgment(r, 0, "", value, error, self.name, fp)
+                j["score_probs"] = [round(x, 5) for x in probs]
+                yield r, [j], 0
+
     def _score(self, results, by_id: dict, fp: str) -> Iterator[tuple[dict, list[dict], int]]:
         parsed = {(r.request.id, s.index): parse_score(s.text, min_score=self.min_score, max_score=self.max_score)
                   for r in results for s in r.samples if s.finish_reason != "error"}
@@ -151,8 +192,7 @@ class LLMJudge(Reward):
             except NotImplementedError as e:
                 raise EngineError(f"judge.scoring 'expected' needs token probabilities: {e}; use judge.scoring: sampled") from None
             for k, probs in zip(keys, all_probs):
-                total = sum(probs)
-                expected[k] = (sum(p * int(d) for p, d in zip(probs, digits)) / total if total > 0 else None, probs)
+                expected[k] = (expected_digit(probs, digits)[0], probs)
         for result in results:
             resp = by_id[result.request.id]
             out = []
@@ -170,6 +210,19 @@ class LLMJudge(Reward):
                     j = _judgment(resp, s.index, s.text, p.score, p.error, self.name, fp)
                 out.append(j)
             yield resp, out, result.completion_tokens
+
+
+SCORINGS = ("sampled", "expected", "direct")
+DIRECT_BATCH = 16  # responses probed per engine call with scoring "direct" (written as each call returns)
+
+
+def expected_digit(probs: Sequence[float], digits: Sequence[str]) -> tuple[float | None, str | None]:
+    """The probability-weighted mean of ``digits`` (renormalised over them), rounded to 4 places;
+    ``(None, reason)`` when the model puts no probability on any of them."""
+    total = sum(probs)
+    if not total > 0:
+        return None, "no probability on any score digit"
+    return round(sum(p * int(d) for p, d in zip(probs, digits)) / total, 4), None
 
 
 def _reasoning(text: str, parsed) -> str:
