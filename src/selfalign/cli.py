@@ -173,6 +173,9 @@ def run(
             from selfalign.recipes.config import SelfRewardingConfig as Config
             from selfalign.recipes.self_rewarding import run_self_rewarding as runner
         cfg = load_config(Config, path, list(overrides or []))
+        from selfalign.training.common import check_report_to
+
+        check_report_to(cfg.training.report_to)  # a missing tensorboard/wandb fails now, not after generation
         result = runner(cfg, restart_from=restart_from, show_progress=progress)
     except SelfAlignError as e:
         _fail(e)

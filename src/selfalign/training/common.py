@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from selfalign.errors import DataError, ModelError
+from selfalign.errors import ConfigError, DataError, ModelError
 from selfalign.models import cpu_has_native_bf16
-from selfalign.training.config import LoraSettings, TrainSettings
+from selfalign.training.config import REPORT_TO, LoraSettings, TrainSettings
 
 LogFn = Callable[[str], None]
 
@@ -97,8 +98,9 @@ def peft_config(lora: LoraSettings | None):
     )
 
 
-def trainer_kwargs(settings: TrainSettings, ckpt_dir: Path, bf16: bool) -> dict[str, Any]:
-    """Keyword arguments shared by ``SFTConfig`` and ``DPOConfig``."""
+def trainer_kwargs(settings: TrainSettings, ckpt_dir: Path, bf16: bool, report_to: str = "none") -> dict[str, Any]:
+    """Keyword arguments shared by ``SFTConfig`` and ``DPOConfig``; ``report_to`` is one of
+    :data:`~selfalign.training.config.REPORT_TO` (see :func:`attach_report_dir`)."""
     scheduler = settings.lr_scheduler
     if scheduler == "constant" and settings.warmup_ratio > 0:
         scheduler = "constant_with_warmup"
@@ -126,7 +128,8 @@ def trainer_kwargs(settings: TrainSettings, ckpt_dir: Path, bf16: bool) -> dict[
         logging_strategy="steps",
         logging_steps=settings.logging_steps,
         logging_first_step=True,
-        report_to=[],
+        report_to=[] if report_to == "none" else [report_to],
+        run_name=run_name(checkpoint_owner(ckpt_dir)),
         push_to_hub=False,
         use_cpu=not cuda_available(),
         dataloader_num_workers=0,
@@ -234,6 +237,87 @@ def check_prompt_lengths(tokenizer, data: list[dict], kind: str, max_length: int
 
 
 # --------------------------------------------------------------------------- logging
+
+# where training.report_to's files go: <checkpoints>/logs while training, then <out_dir>/logs
+LOGS_DIR = "logs"
+_REPORTER_PACKAGES = {
+    # report_to -> (importable modules, any of which will do; how to install one)
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'selfalign[tensorboard]' (or: pip install tensorboard)"),
+    "wandb": (("wandb",), "pip install wandb"),
+}
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse a ``training.report_to`` that cannot work here, before anything is trained.
+
+    transformers would only fail once the trainer is built (after generation, in a recipe);
+    this names the config key and the install command instead.
+    """
+    import importlib.util
+
+    if report_to not in REPORT_TO:
+        raise ConfigError(f"training.report_to: expected one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    if report_to == "none":
+        return
+    modules, how = _REPORTER_PACKAGES[report_to]
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise ConfigError(
+            f"training.report_to: {report_to} needs the {modules[0]} package, which is not installed in this "
+            f"environment ({sys.prefix}); install it with `{how}` "
+            "or set training.report_to=none"
+        )
+
+
+def checkpoint_owner(ckpt_dir: Path) -> Path:
+    """``out_dir`` for ``out_dir.checkpoints`` (the inverse of ``outputs.checkpoints_dir``)."""
+    ckpt_dir = Path(ckpt_dir)
+    name = ckpt_dir.name
+    return ckpt_dir.with_name(name[: -len(".checkpoints")]) if name.endswith(".checkpoints") else ckpt_dir
+
+
+def run_name(out_dir: Path) -> str:
+    """The name a tracker shows for the training into ``out_dir``: its last three path parts,
+    e.g. ``self_rewarding_demo/iter_1/model`` for ``runs/self_rewarding_demo/iter_1/model``."""
+    return "/".join(Path(out_dir).resolve().parts[-3:])
+
+
+@contextmanager
+def reporting(trainer, report_to: str, logs_dir: Path):
+    """Point the trainer's ``report_to`` integration at ``logs_dir`` while training.
+
+    - ``tensorboard``: transformers' ``TensorBoardCallback`` writes its event files straight
+      into ``logs_dir`` (instead of ``<output_dir>/runs/<date>_<host>``);
+    - ``wandb``: ``WANDB_DIR`` is ``logs_dir`` unless the environment already sets it, so
+      wandb's local files (all of them with ``WANDB_MODE=offline``) go there too; the wandb
+      run is finished on the way out, so its files are complete before they are moved.
+    """
+    logs_dir = Path(logs_dir)
+    if report_to == "none":
+        yield
+        return
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    if report_to == "tensorboard":
+        from transformers.integrations import TensorBoardCallback
+
+        found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)]
+        if not found:  # pragma: no cover - transformers adds it for report_to=["tensorboard"]
+            raise RuntimeError("report_to tensorboard: the trainer has no TensorBoardCallback")
+        for cb in found:
+            cb.logging_dir = str(logs_dir)
+        yield
+        return
+    had = os.environ.get("WANDB_DIR")
+    if had is None:
+        os.environ["WANDB_DIR"] = str(logs_dir)
+    try:
+        yield
+    finally:
+        if had is None:
+            os.environ.pop("WANDB_DIR", None)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+
 
 
 def make_log_callback(log: LogFn | None):

@@ -91,6 +91,9 @@ class DPOSettings(TrainSettings):
         return self
 
 
+# training.report_to: transformers' own logging integrations that selfalign can switch on
+REPORT_TO = ("none", "tensorboard", "wandb")
+
 # accelerate configs shipped in selfalign/accelerate_configs/<name>.yaml
 SHIPPED_LAUNCHER_CONFIGS = ("deepspeed_zero3", "deepspeed_zero2", "fsdp")
 
@@ -103,11 +106,17 @@ def shipped_launcher_config(name: str) -> Path:
 
 
 class LaunchSettings(StrictModel):
-    """How SFT and DPO run: in this process, in a child process, or under ``accelerate launch``.
+    """How SFT and DPO run: in this process, in a child process, or under ``accelerate launch``;
+    and where their logged metrics go besides ``train_log.jsonl``.
 
     ``isolate: auto`` trains in a child process when it must (several processes or a launcher
     config) or when generation and training share a GPU, so that neither keeps memory the other
     needs; on a CPU with one process training stays in the recipe's own process.
+
+    ``report_to`` switches on one of transformers' logging integrations for every SFT and DPO
+    of the run; its files go to ``<model>/logs/`` (e.g. ``runs/<name>/iter_1/model/logs/``,
+    ``<model>.checkpoints/logs/`` while training).  It does not change what is trained, so it
+    may be changed when a run is resumed.
     """
 
     num_processes: int = Field(1, ge=1, description="training processes (e.g. GPUs); > 1 launches `accelerate launch`")
@@ -124,6 +133,11 @@ class LaunchSettings(StrictModel):
     )
     accelerate_args: list[str] = Field(
         default_factory=list, description="extra `accelerate launch` arguments, e.g. ['--num_machines', '2', '--machine_rank', '0']"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        description="also log SFT/DPO metrics to tensorboard (event files in <model>/logs/; needs the tensorboard "
+        "package: selfalign[tensorboard]) or wandb (needs the wandb package; its local files in <model>/logs/wandb)",
     )
 
     @field_validator("launcher_config")

@@ -49,6 +49,7 @@ from selfalign.errors import DataError
 from selfalign.training.common import (
     LogFn,
     check_messages,
+    check_report_to,
     check_prompt_lengths,
     drop_printer,
     load_model,
@@ -218,6 +219,7 @@ def build_dpo_trainer(
     ref_model_dir: Path | None = None,
     callbacks=(),
     log: LogFn | None = None,
+    report_to: str = "none",
 ):
     """A ``DPOTrainer`` on cleaned preference ``data``; returns ``(trainer, tokenizer, bf16)``.
 
@@ -230,7 +232,7 @@ def build_dpo_trainer(
     set_seed(settings.seed)  # before TRL wraps the model: LoRA's initial weights are random
     bf16 = resolve_bf16(settings.bf16, lora=settings.lora is not None)
     args = DPOConfig(
-        **trainer_kwargs(settings, ckpt_dir, bf16),
+        **trainer_kwargs(settings, ckpt_dir, bf16, report_to),
         beta=settings.beta,
         loss_type=[settings.loss_type],
         label_smoothing=settings.label_smoothing,
@@ -267,15 +269,17 @@ def train_dpo(
     ref_model_dir: Path | None = None,
     log: LogFn | None = None,
     callbacks=(),
+    report_to: str = "none",
 ) -> TrainResult:
     """DPO-train ``model_dir`` on ``pairs`` and save the result as a plain model in ``out_dir``.
 
     Same contract as :func:`selfalign.training.sft.train_sft` (resume, reuse of a finished
-    ``out_dir``, ``log`` lines, extra ``callbacks``).  ``result.history`` holds TRL's
+    ``out_dir``, ``log`` lines, extra ``callbacks``, ``report_to``).  ``result.history`` holds TRL's
     ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` and
     ``logps/chosen``/``logps/rejected`` per logging step.
     """
     t0 = time.perf_counter()
+    check_report_to(report_to)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     data = to_preference_records(pairs)
     if ref_model_dir is not None and Path(ref_model_dir).resolve() == model_dir.resolve():
@@ -290,7 +294,8 @@ def train_dpo(
     resume = prepare_checkpoints(ckpt_dir, fingerprint)
     with quiet_progress(), completion_only_lm_head():
         trainer, tokenizer, bf16 = build_dpo_trainer(
-            model_dir, data, ckpt_dir, settings, ref_model_dir=ref_model_dir, callbacks=callbacks, log=log
+            model_dir, data, ckpt_dir, settings, ref_model_dir=ref_model_dir, callbacks=callbacks, log=log,
+            report_to=report_to,
         )
         drop_printer(trainer)
         trainer.add_callback(make_log_callback(log))
@@ -307,4 +312,5 @@ def train_dpo(
             bf16=bf16,
             log=log,
             t_start=t0,
+            report_to=report_to,
         )

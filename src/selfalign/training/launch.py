@@ -8,7 +8,7 @@
    finished ``out_dir`` of the same inputs is reused without starting one), and removes
    half-written checkpoints so the workers only see complete ones;
 2. writes ``<out_dir>.job/`` next to the output: ``job.json`` (kind, model, data file, output,
-   settings, reference model) and ``data.jsonl`` (the records);
+   settings, reference model, ``report_to``) and ``data.jsonl`` (the records);
 3. starts ``python -m selfalign.training.worker job.json`` (isolated, one process) or
    ``accelerate launch --num_processes N [--config_file C] [--main_process_port P] [ARGS]
    -m selfalign.training.worker job.json`` -- accelerate (torchrun, DeepSpeed, FSDP) does all
@@ -38,7 +38,7 @@ from pathlib import Path
 from selfalign import memory
 from selfalign.data.records import atomic_write_json, atomic_write_text
 from selfalign.errors import TrainingError
-from selfalign.training.common import LogFn
+from selfalign.training.common import LogFn, check_report_to
 from selfalign.training.config import DPOSettings, LaunchSettings, SFTSettings, TrainSettings
 from selfalign.training.outputs import (
     FINISHED_MARKER,
@@ -94,14 +94,15 @@ def train(
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
     launch = launch or LaunchSettings()
+    check_report_to(launch.report_to)  # here, before a child process is started for nothing
     if not needs_child(launch, engine):
         if kind == "sft":
             from selfalign.training.sft import train_sft
 
-            return train_sft(model_dir, records, out_dir, settings, log=log)
+            return train_sft(model_dir, records, out_dir, settings, log=log, report_to=launch.report_to)
         from selfalign.training.dpo import train_dpo
 
-        return train_dpo(model_dir, records, out_dir, settings, ref_model_dir=ref_model_dir, log=log)
+        return train_dpo(model_dir, records, out_dir, settings, ref_model_dir=ref_model_dir, log=log, report_to=launch.report_to)
     return train_in_child(kind, model_dir, records, out_dir, settings, launch=launch, ref_model_dir=ref_model_dir, log=log)
 
 
@@ -163,6 +164,7 @@ def train_in_child(
         "out_dir": str(out_dir),
         "settings": settings.model_dump(mode="json"),
         "ref_model_dir": str(Path(ref_model_dir).resolve()) if ref_model_dir is not None else None,
+        "report_to": launch.report_to,
     })
     cmd = launch_command(job_file, launch)
     if log:

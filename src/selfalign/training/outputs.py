@@ -5,9 +5,12 @@ Directory layout for a training output ``out_dir``::
     out_dir/                      the finished model, only ever present complete:
       model.safetensors, config.json, generation_config.json, tokenizer files, chat template
       train_log.jsonl             one line per trainer log entry (loss, lr, DPO rewards, ...)
+      logs/                       with training.report_to: the tensorboard event files / wandb's files
       training.json               written last: fingerprint + summary; marks out_dir as finished
     out_dir.checkpoints/          while training: checkpoint-N/ (model, optimizer, scheduler, RNG,
       fingerprint.json            trainer state) every ``save_steps``; removed after the final save
+      logs/                       report_to's files while training (a resumed run adds its own
+                                  event files next to the first run's); copied into out_dir/logs
 
 Contracts:
 
@@ -39,7 +42,7 @@ from pathlib import Path
 from selfalign.config import changed_keys
 from selfalign.data.records import atomic_write_json, utc_now
 from selfalign.errors import RunError
-from selfalign.training.common import LogFn
+from selfalign.training.common import LOGS_DIR, LogFn, reporting
 from selfalign.training.config import TrainSettings
 
 FINISHED_MARKER = "training.json"
@@ -238,6 +241,7 @@ def run_and_save(
     bf16: bool,
     log: LogFn | None,
     t_start: float,
+    report_to: str = "none",
 ) -> TrainResult:
     """Train (resuming if asked), then merge/cast/save atomically into ``out_dir``; return the result.
 
@@ -254,7 +258,8 @@ def run_and_save(
     guard = _past_max_steps_guard()
     trainer.add_callback(guard)
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        with reporting(trainer, report_to, Path(ckpt_dir) / LOGS_DIR):
+            trainer.train(resume_from_checkpoint=resume_from)
     except _NothingLeftToTrain:
         # resumed from a checkpoint taken at the last step (a process killed during the final
         # save): train() restored its weights and state, and that is the trained model
@@ -285,7 +290,7 @@ def run_and_save(
     save_dtype = source_dtype if settings.save_dtype == "source" else settings.save_dtype
     model = _plain_model(trainer)  # collective when the weights are sharded: every rank takes part
     if accelerator.is_main_process:
-        _save_final(model, tokenizer, Path(out_dir), save_dtype, result, fingerprint, t_start)
+        _save_final(model, tokenizer, Path(out_dir), save_dtype, result, fingerprint, t_start, Path(ckpt_dir) / LOGS_DIR)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if log:
             log(f"saved the model to {out_dir}")
@@ -348,7 +353,11 @@ def _fresh_copy(model, state_dict: dict):
     return fresh
 
 
-def _save_final(model, tokenizer, out_dir: Path, dtype: str, result: TrainResult, fingerprint: dict, t_start: float):
+def _save_final(
+    model, tokenizer, out_dir: Path, dtype: str, result: TrainResult, fingerprint: dict, t_start: float, logs: Path | None = None
+):
+    """Write the model, ``train_log.jsonl``, a copy of the ``logs`` directory and ``training.json``
+    into a temporary sibling, then rename it onto ``out_dir``."""
     import torch
 
     model = model.to(getattr(torch, dtype))
@@ -363,6 +372,8 @@ def _save_final(model, tokenizer, out_dir: Path, dtype: str, result: TrainResult
         with (tmp / TRAIN_LOG).open("w", encoding="utf-8") as f:
             for h in result.history:
                 f.write(json.dumps(h, ensure_ascii=False) + "\n")
+        if logs is not None and logs.is_dir():
+            shutil.copytree(logs, tmp / LOGS_DIR)  # copied: a failed save keeps them in the checkpoints
         _fsync_files(tmp)
         result.seconds = time.perf_counter() - t_start
         atomic_write_json(

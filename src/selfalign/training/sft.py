@@ -25,6 +25,7 @@ from selfalign.errors import DataError
 from selfalign.training.common import (
     LogFn,
     check_messages,
+    check_report_to,
     check_prompt_lengths,
     drop_printer,
     load_model,
@@ -70,7 +71,14 @@ def to_prompt_completion(examples: list[dict]) -> list[dict]:
 
 
 def build_sft_trainer(
-    model_dir: Path, data: list[dict], ckpt_dir: Path, settings: SFTSettings, *, callbacks=(), log: LogFn | None = None
+    model_dir: Path,
+    data: list[dict],
+    ckpt_dir: Path,
+    settings: SFTSettings,
+    *,
+    callbacks=(),
+    log: LogFn | None = None,
+    report_to: str = "none",
 ):
     """An ``SFTTrainer`` on prompt-completion ``data`` (see :func:`to_prompt_completion`).
 
@@ -85,7 +93,7 @@ def build_sft_trainer(
     set_seed(settings.seed)  # before TRL wraps the model: LoRA's initial weights are random
     bf16 = resolve_bf16(settings.bf16, lora=settings.lora is not None)
     args = SFTConfig(
-        **trainer_kwargs(settings, ckpt_dir, bf16),
+        **trainer_kwargs(settings, ckpt_dir, bf16, report_to),
         completion_only_loss=True,
         assistant_only_loss=False,
         packing=False,
@@ -112,15 +120,19 @@ def train_sft(
     *,
     log: LogFn | None = None,
     callbacks=(),
+    report_to: str = "none",
 ) -> TrainResult:
     """Fine-tune ``model_dir`` on ``examples`` and save the result as a plain model in ``out_dir``.
 
     ``log`` receives one human-readable line per logging step (and on resume/save);
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects.  An interrupted call
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects; ``report_to``
+    (``none``, ``tensorboard``, ``wandb``: ``training.report_to``) also sends the logged
+    metrics to that integration, with its files in ``out_dir/logs/``.  An interrupted call
     resumes from its last checkpoint when called again with the same arguments; a finished
     ``out_dir`` of the same inputs is returned as is (``result.reused``).
     """
     t0 = time.perf_counter()
+    check_report_to(report_to)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     data = to_prompt_completion(examples)
     fingerprint = make_fingerprint("sft", model_dir, data, settings)
@@ -133,7 +145,7 @@ def train_sft(
     resume = prepare_checkpoints(ckpt_dir, fingerprint)
     with quiet_progress():
         trainer, tokenizer, bf16 = build_sft_trainer(
-            model_dir, data, ckpt_dir, settings, callbacks=callbacks, log=log
+            model_dir, data, ckpt_dir, settings, callbacks=callbacks, log=log, report_to=report_to
         )
         drop_printer(trainer)
         trainer.add_callback(make_log_callback(log))
@@ -150,4 +162,5 @@ def train_sft(
             bf16=bf16,
             log=log,
             t_start=t0,
+            report_to=report_to,
         )

@@ -7,7 +7,8 @@
 hand (e.g. on every node of a cluster).  Job file (JSON)::
 
     {"kind": "sft" | "dpo", "model_dir": ..., "data_file": ... (JSONL records),
-     "out_dir": ..., "settings": {... SFTSettings / DPOSettings ...}, "ref_model_dir": null | ...}
+     "out_dir": ..., "settings": {... SFTSettings / DPOSettings ...}, "ref_model_dir": null | ...,
+     "report_to": "none" | "tensorboard" | "wandb"}     (optional; default "none")
 
 Every process trains (accelerate and TRL split the batches and synchronise the gradients);
 only the main process logs the step lines and writes the final model and ``training.json``
@@ -61,17 +62,21 @@ def run_job(job_file: Path) -> None:
     rank = _rank()
     log = (lambda line: print(line, flush=True)) if rank == 0 else None
     records = read_records(Path(job["data_file"]))
+    report_to = job.get("report_to") or "none"
     if job["kind"] == "sft":
         from selfalign.training.sft import train_sft
 
-        result = train_sft(Path(job["model_dir"]), records, Path(job["out_dir"]), SFTSettings.model_validate(job["settings"]), log=log)
+        result = train_sft(
+            Path(job["model_dir"]), records, Path(job["out_dir"]), SFTSettings.model_validate(job["settings"]),
+            log=log, report_to=report_to,
+        )
     else:
         from selfalign.training.dpo import train_dpo
 
         ref = Path(job["ref_model_dir"]) if job.get("ref_model_dir") else None
         result = train_dpo(
             Path(job["model_dir"]), records, Path(job["out_dir"]), DPOSettings.model_validate(job["settings"]),
-            ref_model_dir=ref, log=log,
+            ref_model_dir=ref, log=log, report_to=report_to,
         )
     report = {"rank": rank, "world_size": result.world_size, "pid": os.getpid(), "distributed": _distributed_type(), **memory.own_peak()}
     atomic_write_json(Path(job_file).parent / f"worker_rank{rank}.json", report)
