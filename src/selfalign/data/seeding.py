@@ -46,6 +46,8 @@ class SeedData:
     eft_train: list[dict]  # raw EFT records
     eft_heldout: list[dict]
     dropped: dict = field(default_factory=dict)
+    judge_chat: list[dict] = field(default_factory=list)  # extra judge SFT chat examples (pairwise verdicts)
+    eft_stats: dict = field(default_factory=dict)
 
     @property
     def prompts(self) -> list[str]:
@@ -102,11 +104,55 @@ def load_seed_data(cfg) -> SeedData:
     ift, dropped = load_ift(cfg.ift, lang=cfg.oasst_lang, max_examples=cfg.max_ift, seed=cfg.seed)
     if not ift:
         raise DataError(f"seed_data.ift={cfg.ift!r} gave no IFT examples")
+    if cfg.eft.startswith("oasst:") and getattr(cfg, "eft_targets", "agree") == "ranks":
+        return _ranked_seed_data(cfg, ift, dropped)
     eft = load_eft(cfg.eft)
     train, held = split_eft(eft, cfg.eft_heldout_fraction, cfg.seed)
     if cfg.max_eft is not None:
         train = train[: cfg.max_eft]
     return SeedData(ift, train, held, dropped)
+
+
+def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
+    """``eft_targets: ranks``: EFT targets from human preferences (:mod:`selfalign.data.preferences`).
+
+    The OpenAssistant trees are split by tree (``eft_heldout_fraction``); held-out trees give the
+    ranked records ``eval.judge`` scores, and their rank-0 replies are removed from the IFT set
+    when it comes from the same file (counted as ``eft_heldout_tree``). Train trees and the
+    ``eft_pairwise`` files give preference units, length-balanced, seeded-shuffled and capped at
+    ``max_eft`` pointwise records (two per unit)."""
+    import random
+
+    from selfalign.data.preferences import (
+        balance_length, heldout_records, pairwise_examples, pointwise_records, split_trees, units_from_pairwise, units_from_trees,
+    )
+    from selfalign.eval.judge_agreement import load_items
+
+    path = cfg.eft.removeprefix("oasst:")
+    lang = tuple(cfg.oasst_lang)
+    train_trees, held_trees = split_trees(load_oasst(path), cfg.eft_heldout_fraction, cfg.seed)
+    held_ids = {t.id for t in held_trees}
+    if cfg.ift == cfg.eft and held_ids:
+        kept = [e for e in ift if e.get("source", "").removeprefix("oasst:") not in held_ids]
+        if len(kept) < len(ift):
+            dropped = {**dropped, "eft_heldout_tree": len(ift) - len(kept)}
+        ift = kept
+    pool = units_from_trees(train_trees, lang=lang)
+    for f in cfg.eft_pairwise:
+        pool.extend(units_from_pairwise(load_items(f), source=f))
+    before = pool.stats()
+    if cfg.eft_length_balance:
+        pool = balance_length(pool, seed=cfg.seed)
+    units = list(pool.units)
+    random.Random(cfg.seed).shuffle(units)
+    if cfg.max_eft is not None:
+        units = units[: max(1, cfg.max_eft // 2)]
+    if not units:
+        raise DataError(f"seed_data.eft={cfg.eft!r} (eft_targets: ranks) gave no preference units; dropped {dict(pool.dropped)}")
+    chat = pairwise_examples(units) if cfg.eft_pairwise_examples else []
+    stats = {"pool": before, "trained": {"units": len(units), **{k: v for k, v in pool.stats().items() if k != "units"}},
+             "heldout_trees": len(held_trees)}
+    return SeedData(ift, pointwise_records(units), heldout_records(held_trees, lang=lang), dropped, chat, stats)
 
 
 def eft_to_chat(eft: list[dict], template: str) -> list[dict]:

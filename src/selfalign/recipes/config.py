@@ -24,6 +24,18 @@ class SeedDataConfig(StrictModel):
         description="'demo' (shipped), a JSONL of {instruction, response, judgment}, 'none', or oasst:<file> "
         "(the base model judges human-ranked replies; kept where its scores agree with the ranks)",
     )
+    eft_targets: Literal["agree", "ranks"] = Field(
+        "agree",
+        description="oasst EFT: 'agree' = the paper's (the base model's own judgments, kept where they agree with "
+        "the human ranks); 'ranks' = one-line 'Score: N' targets from the human preferences (preferred reply 4, "
+        "the other 1), held out by conversation tree; pair it with judge.scoring: direct and judge.template: judge_brief",
+    )
+    eft_pairwise: list[str] = Field(
+        default_factory=list,
+        description="eft_targets ranks: pairwise preference files ({input, output_1, output_2, label}) added to the training pool",
+    )
+    eft_length_balance: bool = Field(True, description="eft_targets ranks: keep as many 'shorter reply preferred' units as 'longer preferred'")
+    eft_pairwise_examples: bool = Field(False, description="eft_targets ranks: also train 'Winner: A|B' pairwise_brief examples (both orders)")
     eft_ties: Literal["drop", "allow"] = Field("drop", description="oasst EFT: do tied scores count as agreement?")
     eft_max_groups: int | None = Field(None, ge=1, description="oasst EFT: judge at most this many prompts")
     eft_max_new_tokens: int = Field(256, ge=16)

@@ -51,10 +51,11 @@ def seed_model(run: Run, cfg, log, show_progress: bool) -> tuple[SeedData, Path,
     """Seed data, then M1 = SFT(M0) unless ``sft.enabled`` is off; returns (seed data, M1, M1's parent)."""
     base = resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
     seed = load_seed_data(cfg.seed_data)
-    if cfg.seed_data.eft.startswith("oasst:"):
+    if cfg.seed_data.eft.startswith("oasst:") and cfg.seed_data.eft_targets == "agree":
         seed.eft_train, seed.eft_heldout = eft_from_oasst(run, cfg, base, log, show_progress)
     atomic_write_json(run.root / "seed_data.json", {
         "ift": len(seed.ift), "eft_train": len(seed.eft_train), "eft_heldout": len(seed.eft_heldout), "ift_dropped": seed.dropped,
+        "judge_pairwise_examples": len(seed.judge_chat), **({"eft": seed.eft_stats} if seed.eft_stats else {}),
     })
     if not cfg.sft.enabled:
         return seed, base, None
@@ -181,7 +182,7 @@ def eft_from_oasst(run: Run, cfg, base: Path, log, show_progress: bool) -> tuple
 def sft_step(run: Run, cfg, base: Path, seed: SeedData, log) -> Path:
     """M1 = SFT of the base model on IFT (+ EFT as judge-prompt -> judgment examples)."""
     ift = list(seed.ift) if getattr(cfg.sft, "use_ift", True) else []
-    examples = ift + (eft_to_chat(seed.eft_train, cfg.judge.template) if cfg.sft.use_eft else [])
+    examples = ift + (eft_to_chat(seed.eft_train, cfg.judge.template) + list(seed.judge_chat) if cfg.sft.use_eft else [])
     stage = run.stage("sft", depends_on=SEED_KEYS + ["judge.template"], outputs=["sft/model"])
     out = run.root / "sft" / "model"
     if not stage.done:
