@@ -125,6 +125,8 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
         judge_eval = json.loads((it / "eval_judge.json").read_text())
         assert judge_eval["kind"] == "judge_agreement" and judge_eval["items"] >= 1
         assert m["heldout_judge_accuracy"] == judge_eval["metrics"]["pairwise_accuracy"]
+        assert m["heldout_longer_wins_accuracy"] == judge_eval["baselines"]["longer_wins"]["pairwise_accuracy"]
+        assert m["heldout_random_accuracy"] == judge_eval["baselines"]["random"]["pairwise_accuracy"]
         wr = json.loads((it / "eval_winrate.json").read_text())
         assert wr["kind"] == "winrate" and wr["n"] == 2 and wr["wins"] + wr["ties"] + wr["losses"] == 2
         assert wr["a"] == f"iter_{t}/model" and wr["b"] == ("sft/model" if t == 1 else "iter_1/model")

@@ -66,9 +66,16 @@ def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_prog
         finally:
             engine.close()
     summary = json.loads((run.root / it / "eval_judge.json").read_text())
-    m = summary["metrics"]
+    m, base = summary["metrics"], summary.get("baselines", {})
+    rand, longer = base.get("random", {}).get("pairwise_accuracy"), base.get("longer_wins", {}).get("pairwise_accuracy")
+    log(f"[{it}] held-out judge: pairwise accuracy {_pct(m.get('pairwise_accuracy'))} on {summary.get('pairs')} pairs "
+        f"of {summary.get('items')} prompts (random {_pct(rand)}, longer reply wins {_pct(longer)})")
     return {"heldout_judge_accuracy": m.get("pairwise_accuracy"), "heldout_judge_tie_rate": m.get("tie_rate"),
-            "heldout_judge_items": summary.get("items")}
+            "heldout_judge_items": summary.get("items"), "heldout_random_accuracy": rand, "heldout_longer_wins_accuracy": longer}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> dict:
