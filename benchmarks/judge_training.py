@@ -144,7 +144,7 @@ def evaluate(model_dir, items, work: Path, with_pairwise: bool) -> dict:
         for it, x, y in pairs:
             sx, sy = pw["scores"][(it["id"], x["id"])], pw["scores"][(it["id"], y["id"])]
             point_pref.append(0.5 if sx is None or sy is None else 0.5 + (sx - sy) / 10)  # 0-5 scale -> [0, 1]
-        row = {"pointwise": pw["summary"]["metrics"]["pairwise_accuracy"], "pointwise_check": accuracy(point_pref),
+        row = {"pointwise": pw["summary"]["metrics"]["pairwise_accuracy"],
                "pointwise_tie_rate": pw["summary"]["metrics"].get("tie_rate"),
                "score_histogram": pw["summary"]["metrics"].get("score_histogram"),
                "pointwise_longer_agreement": round(sum((p > 0.5) == (len(x["text"].strip()) > len(y["text"].strip()))

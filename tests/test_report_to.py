@@ -20,7 +20,7 @@ from selfalign.training.config import REPORT_TO, LaunchSettings
 from selfalign.training.launch import job_dir, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training import FAST, dpo_pairs, sft_examples  # noqa: E402
+from test_training import FAST, _Interrupt, _interrupt_after_save, dpo_pairs, sft_examples  # noqa: E402
 
 
 def _scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
@@ -92,21 +92,6 @@ def test_cli_run_refuses_wandb_without_the_package_at_once(tmp_path, no_wandb):
 
 
 # --------------------------------------------------------------------------- tensorboard, for real
-
-
-class _Interrupt(Exception):
-    pass
-
-
-def _interrupt_after_save(step: int):
-    from transformers import TrainerCallback
-
-    class Stop(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise _Interrupt(step)
-
-    return Stop()
 
 
 def test_tensorboard_sft_event_files_in_the_model_dir_across_a_resume(tmp_path, tiny_model_dir):

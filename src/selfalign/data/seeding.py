@@ -124,7 +124,7 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
     import random
 
     from selfalign.data.preferences import (
-        balance_length, heldout_records, pairwise_examples, pointwise_records, split_trees, units_from_pairwise, units_from_trees,
+        PreferenceSet, balance_length, heldout_records, pairwise_examples, pointwise_records, split_trees, units_from_pairwise, units_from_trees,
     )
     from selfalign.eval.judge_agreement import load_items
 
@@ -150,8 +150,8 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
     if not units:
         raise DataError(f"seed_data.eft={cfg.eft!r} (eft_targets: ranks) gave no preference units; dropped {dict(pool.dropped)}")
     chat = pairwise_examples(units) if cfg.eft_pairwise_examples else []
-    stats = {"pool": before, "trained": {"units": len(units), **{k: v for k, v in pool.stats().items() if k != "units"}},
-             "heldout_trees": len(held_trees)}
+    trained = PreferenceSet(units, pool.dropped).stats()
+    stats = {"pool": before, "trained": trained, "heldout_trees": len(held_trees)}
     return SeedData(ift, pointwise_records(units), heldout_records(held_trees, lang=lang), dropped, chat, stats)
 
 

@@ -37,7 +37,8 @@ class CurateConfig(StrictModel):
     k: int = Field(5, ge=1, le=5, description="keep pairs rated at least k (the paper keeps 5)")
     judgments: int = Field(1, ge=1, description="ratings per pair, averaged")
     scoring: Literal["sampled", "expected", "direct"] = Field(
-        "sampled", description="sampled: the last 'Score:' line; expected: digit probabilities after a forced 'Score: '"
+        "sampled", description="sampled: the last 'Score:' line; expected: digit probabilities after a forced 'Score: '; "
+        "direct: no reasoning, the digit probabilities right after an opened 'Score: '"
     )
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
