@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-balance", action="store_true", help="train on the unbalanced pool (length-biased)")
+    p.add_argument("--oasst-pairs", choices=("extremes", "all"), default="extremes",
+                   help="OASST units per turn: best vs worst reply, or every two replies of different rank")
+    p.add_argument("--oasst-turns", choices=("first", "all"), default="first", help="OASST prompter turns to take units from")
+    p.add_argument("--pairwise-files", default="all",
+                   help="comma-separated stems of the llmbar/*.json files to add to the pool, 'all' or 'none'")
     p.add_argument("--no-pairwise", action="store_true", help="skip the forced pairwise verdict of the base model (slow on a CPU)")
     p.add_argument("--quick", action="store_true", help="8 held-out items only (smoke run)")
     p.add_argument("--work", default=None, help="folder for the trained models (default: a temporary one, removed)")
@@ -72,8 +77,15 @@ def build_data(args):
 
     trees = load_oasst(OASST)
     train_trees, held_trees = split_trees(trees, args.heldout_fraction, args.seed)
-    pool = units_from_trees(train_trees)
-    for f in sorted(glob.glob(PAIRWISE_GLOB)):
+    pool = units_from_trees(train_trees, pairs=args.oasst_pairs, first_turn_only=args.oasst_turns == "first")
+    files = sorted(glob.glob(PAIRWISE_GLOB))
+    if args.pairwise_files != "all":
+        wanted = [] if args.pairwise_files == "none" else args.pairwise_files.split(",")
+        unknown = sorted(set(wanted) - {Path(f).stem for f in files})
+        if unknown:
+            raise SystemExit(f"--pairwise-files: no {', '.join(unknown)} in {PAIRWISE_GLOB}")
+        files = [f for f in files if Path(f).stem in wanted]
+    for f in files:
         pool.extend(units_from_pairwise(load_items(f), source=Path(f).stem))
     raw_stats = pool.stats()
     if not args.no_balance:

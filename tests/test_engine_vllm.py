@@ -161,12 +161,15 @@ def test_worker_that_cannot_start_is_a_clear_error_and_leaves_no_process(embedde
 PROMPTS = ["Name a colour.", "What is two plus two?", "Write one sentence about the sea.", "Say hello."]
 
 
+def _vllm_engine(dtype: str = "auto"):
+    return create_engine(ModelConfig(dtype=dtype), EngineConfig(kind="vllm", gpu_memory_utilization=0.3, enforce_eager=True))
+
+
 @pytest.fixture(scope="module")
 def engine(embedded_model_dir):
     if not HAVE_VLLM:
         pytest.skip("vLLM is not installed here; run scripts/setup_vllm.sh, then .venv-vllm/bin/python -m pytest tests/test_engine_vllm.py")
-    cfg = EngineConfig(kind="vllm", gpu_memory_utilization=0.3, enforce_eager=True)
-    eng = create_engine(ModelConfig(), cfg)
+    eng = _vllm_engine()
     yield eng
     eng.close()
 
@@ -206,15 +209,26 @@ def test_n_samples_chat_template_and_token_counts(engine):
 
 @needs_vllm
 @pytest.mark.slow
-def test_seeds_reproduce_and_samples_do_not_depend_on_n(engine):
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3)
-    reqs = [_chat(f"r{i}", p, params) for i, p in enumerate(PROMPTS)]
-    first, again = _texts(engine, reqs), _texts(engine, reqs)
+def test_seeds_reproduce_and_sample_i_does_not_depend_on_n(embedded_model_dir):
+    # Each sample is its own seeded vLLM request: the same requests give the same text, another
+    # seed another text, and asking for more samples only appends. This runs in float32: in bf16
+    # the logits of a step are rounded differently in the last bits when the batch holds other
+    # rows or the prompt comes from the prefix cache, and at temperature 1 that can flip a
+    # near-tied token and the text after it (the seeds themselves are checked exactly in
+    # test_plan_jobs_seeds_each_sample_and_rejects_prompts_over_the_context).
+    eng = _vllm_engine("float32")
+    try:
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3)
+        reqs = [_chat(f"r{i}", p, params) for i, p in enumerate(PROMPTS)]
+        first, again = _texts(eng, reqs), _texts(eng, reqs)
+        other = _texts(eng, [_chat(f"r{i}", p, SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=4))
+                             for i, p in enumerate(PROMPTS)])
+        more = _texts(eng, [_chat("r0", PROMPTS[0], SamplingParams(n=4, temperature=1.0, max_new_tokens=16, seed=3))])
+    finally:
+        eng.close()
     assert first == again
-    other = _texts(engine, [_chat(f"r{i}", p, SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=4)) for i, p in enumerate(PROMPTS)])
     assert other != first
-    more = _texts(engine, [_chat("r0", PROMPTS[0], SamplingParams(n=4, temperature=1.0, max_new_tokens=16, seed=3))])
-    assert more["r0"][:2] == first["r0"]
+    assert len(set(more["r0"])) > 1 and more["r0"][:2] == first["r0"]
 
 
 @needs_vllm
@@ -258,7 +272,10 @@ def test_next_token_probs_match_the_hf_engine(engine):
     finally:
         hf.close()
     assert got[0] == pytest.approx(want[0], abs=0.05)
-    assert max(range(6), key=lambda d: got[0][d]) == max(range(6), key=lambda d: want[0][d])
+    # the digit vLLM ranks first is one HF ranks first too, up to the same tolerance (two digits
+    # can be near-tied, and bf16 kernels differ between the engines)
+    top = max(range(6), key=lambda d: got[0][d])
+    assert want[0][top] >= max(want[0]) - 0.05
     assert engine.next_token_probs([], digits) == []
 
 

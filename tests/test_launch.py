@@ -235,6 +235,7 @@ def test_a_failing_child_is_a_training_error_with_its_log(tmp_path, tiny_model_d
 
 
 def test_each_stage_records_its_own_peak_memory(tmp_path):
+    from selfalign import memory
     from selfalign.run import Run
 
     run = Run.open(tmp_path / "run", {"a": 1})
@@ -247,7 +248,12 @@ def test_each_stage_records_its_own_peak_memory(tmp_path):
         st.finish({"n": 1})
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     big, small = manifest["stages"]["big"]["memory"], manifest["stages"]["small"]["memory"]
-    assert big["peak_rss_mb"] > small["peak_rss_mb"] + 150  # the mark was reset when "small" began
+    assert big["peak_rss_mb"] >= 200
+    if memory.rss_reset_supported():
+        assert "rss_scope" not in big and "rss_scope" not in small
+        assert big["peak_rss_mb"] > small["peak_rss_mb"] + 150  # the mark was reset when "small" began
+    else:  # /proc/self/clear_refs refused or ignored here: both report the lifetime peak, and say so
+        assert big["rss_scope"] == small["rss_scope"] == "process"
     assert "workers" not in small and small["peak_cuda_mb"] is None
 
 

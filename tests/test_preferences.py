@@ -62,6 +62,26 @@ def test_units_from_trees_take_best_against_worst_and_split_by_tree():
     assert len(items) == 3 and sorted(r["rank"] for r in items[0]["replies"]) == [0, 1, 2]
 
 
+def test_units_from_trees_can_take_every_ranked_pair_and_deeper_turns():
+    t = tree(0, ["best", "middle", "worst", "also worst"])
+    t.root.children[3].rank = 2  # tied with "worst": no unit between the two
+    follow = Message(id="t0-p1", parent_id="t0-r0", role="prompter", text="and then?", lang="en")
+    follow.children = [Message(id=f"t0-p1-r{k}", role="assistant", text=x, lang="en", rank=k, parent_id=follow.id)
+                       for k, x in enumerate(["good follow-up", "bad follow-up"])]
+    t.root.children[0].children = [follow]
+    trees = TreeList([t])
+    first = units_from_trees(trees, pairs="all")
+    pairs = {(u["chosen"], u["rejected"]) for u in first.units}
+    assert pairs == {("best", "middle"), ("best", "worst"), ("best", "also worst"), ("middle", "worst"), ("middle", "also worst")}
+    assert len({u["id"] for u in first.units}) == 5
+    deep = units_from_trees(trees, pairs="extremes", first_turn_only=False)
+    assert {(u["instruction"], u["chosen"], u["rejected"]) for u in deep.units} == {
+        ("question 0", "best", "also worst"), ("and then?", "good follow-up", "bad follow-up")}  # last of the tied worst
+    assert len(units_from_trees(trees, pairs="all", first_turn_only=False)) == 6
+    with pytest.raises(ValueError, match="pairs"):
+        units_from_trees(trees, pairs="some")
+
+
 def test_pointwise_and_pairwise_targets_follow_the_human_preference():
     u = unit(0, "the good one", "the bad one")
     recs = pointwise_records([u])
@@ -139,3 +159,9 @@ def test_seed_data_with_rank_targets_holds_out_whole_trees():
     assert len(seed.judge_chat) == len(seed.eft_train)  # two pairwise examples per unit, as many as pointwise
     capped = load_seed_data(cfg.model_copy(update={"max_eft": 20}))
     assert len(capped.eft_train) == 20
+    every = load_seed_data(cfg.model_copy(update={"eft_pairwise": [], "eft_pairwise_examples": False, "eft_length_balance": False,
+                                                  "eft_oasst_pairs": "all", "eft_oasst_turns": "all"}))
+    first = load_seed_data(cfg.model_copy(update={"eft_pairwise": [], "eft_pairwise_examples": False, "eft_length_balance": False}))
+    assert every.eft_stats["trained"]["units"] > 2 * first.eft_stats["trained"]["units"]  # all pairs of every turn
+    assert every.eft_heldout == first.eft_heldout  # held-out records stay first-turn, whatever trains
+    assert not held_prompts & {r["instruction"] for r in every.eft_train}

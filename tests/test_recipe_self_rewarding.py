@@ -32,6 +32,10 @@ TINY = [
     "dpo.max_steps=1",
     "dpo.per_device_batch_size=2",
     "dpo.max_length=256",
+    # the demo's judge data (OpenAssistant rank targets) at a tenth held out; its per-iteration
+    # judge evaluation is switched on later in the test, with tiny settings
+    "seed_data.eft_heldout_fraction=0.1",
+    "eval.judge.enabled=false",
 ]
 
 
@@ -59,6 +63,7 @@ def _kill_when(proc, path, min_lines: int, limit: float = 1800) -> None:
 
 @pytest.mark.slow
 def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
+    shared_file("oasst/oasst_en_100_trees.jsonl")  # the default config's EFT source: skip with its reason when absent
     cfg = _cfg(tmp_path)
     run_dir = tmp_path / "tiny"
     # first attempt: killed with SIGKILL in the middle of iteration 1's judging
@@ -119,6 +124,9 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
     evaluated = run_self_rewarding(_cfg(tmp_path, *evals), show_progress=False)
     assert (run_dir / "iter_2" / "pairs.jsonl").read_bytes() == before
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages["sft/eval_judge"]["status"] == "done"  # M1, the judge of iteration 1, is evaluated too
+    sft_eval = json.loads((run_dir / "sft" / "eval_judge.json").read_text())
+    assert sft_eval["judge"]["model"] == "sft/model" and sft_eval["items"] == json.loads((run_dir / "iter_1" / "eval_judge.json").read_text())["items"]
     for t, m in zip((1, 2), evaluated.iterations):
         it = run_dir / f"iter_{t}"
         assert stages[f"iter_{t}/eval_judge"]["status"] == stages[f"iter_{t}/eval_winrate"]["status"] == "done"

@@ -6,8 +6,9 @@ A stage of a run calls :func:`start` when it begins and :func:`stage_peak` when 
   ``/proc/self/status``); writing ``5`` to ``/proc/self/clear_refs`` resets it to the current
   RSS, so the mark read at the end is the peak of this stage, not of the whole run (it includes
   what the process already held when the stage began, e.g. memory the allocator kept).
-  Elsewhere the process-lifetime peak (``resource.getrusage``) is reported instead, flagged
-  ``"rss_scope": "process"``.
+  Where the reset is refused or has no effect (a read-only ``/proc``, some sandboxed kernels:
+  checked by reading the mark back), or elsewhere than Linux, the process-lifetime peak
+  (``resource.getrusage``) is reported instead, flagged ``"rss_scope": "process"``.
 * **CUDA**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (only when
   torch is already imported and CUDA initialised: a stage that never touched the GPU reports none).
 * **Child workers** (training in a separate process or under ``accelerate launch``) measure
@@ -24,24 +25,44 @@ from pathlib import Path
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 _workers: list[dict] = []
+_reset_works: bool | None = None  # None: no reset tried yet in this process
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS; True only when the mark read back shows it took effect
+    (within 8 MiB of the resident set: pages may be touched between the two reads)."""
+    global _reset_works
     try:
         _CLEAR_REFS.write_text("5")
-        return True
     except OSError:
+        _reset_works = False
         return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    _reset_works = hwm is not None and rss is not None and hwm <= rss + 8 * 1024
+    return _reset_works
+
+
+def rss_reset_supported() -> bool:
+    """Whether the last :func:`start` reset the RSS high-water mark (peaks are then per stage)."""
+    return bool(_reset_works)
 
 
 def _rss_peak_mb() -> tuple[float, str]:
-    """(peak RSS in MiB, scope): ``since_reset`` from VmHWM, else the process lifetime peak."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024, "since_reset"
-    except (OSError, ValueError, IndexError):
-        pass
+    """(peak RSS in MiB, scope): ``since_reset`` from VmHWM after a reset that took effect,
+    else the process lifetime peak (``process``)."""
+    hwm = _status_kib("VmHWM") if _reset_works else None
+    if hwm is not None:
+        return hwm / 1024, "since_reset"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return (peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024), "process"
 

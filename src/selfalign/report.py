@@ -50,6 +50,7 @@ META_ROWS = [
 # the evaluations a run config asks for after each iteration (shown when present)
 EVAL_ROWS = [
     ("held-out judge accuracy (ties)", lambda m: f"{_fmt(m.get('heldout_judge_accuracy'))} ({_fmt(m.get('heldout_judge_tie_rate'))})"),
+    ("held-out: random / longer wins", lambda m: f"{_fmt(m.get('heldout_random_accuracy'))} / {_fmt(m.get('heldout_longer_wins_accuracy'))}"),
     ("win rate vs previous [95% CI]", lambda m: f"{_fmt(m.get('win_rate_vs_previous'))} {_fmt_ci(m.get('win_rate_ci95'))}"),
     ("wins / ties / losses vs previous", "win_tie_loss_vs_previous"),
 ]
@@ -89,7 +90,8 @@ def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterati
         rows = HUMPBACK_ROWS
     else:
         rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
-        rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy", "win_rate_vs_previous", "win_tie_loss_vs_previous"))
+        rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy", "heldout_judge_accuracy", "win_rate_vs_previous",
+                                                    "win_tie_loss_vs_previous"))
                  if any(key in m for m in iterations)]
     for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])

@@ -30,6 +30,7 @@ so no reply, prompt or follow-up of a held-out conversation is ever trained on;
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -90,19 +91,31 @@ def split_trees(trees: Sequence[Tree], heldout_fraction: float, seed: int = 0) -
     return TreeList(train, Counter(getattr(trees, "dropped", None) or {})), TreeList(held)
 
 
-def units_from_trees(trees: Iterable[Tree], *, lang: Sequence[str] | None = ("en",), source: str = "oasst") -> PreferenceSet:
-    """One unit per first-turn prompt with differently ranked replies: its best reply (lowest
-    rank) against its worst. Prompts whose replies all share a rank are dropped as ``no_ordered_pair``."""
-    groups = eft_groups(trees, lang=lang)
+def units_from_trees(trees: Iterable[Tree], *, lang: Sequence[str] | None = ("en",), source: str = "oasst",
+                     pairs: str = "extremes", first_turn_only: bool = True) -> PreferenceSet:
+    """Preference units from the ranked assistant replies of each prompter turn.
+
+    ``pairs="extremes"``: one unit per turn, its best reply (lowest rank) against its worst;
+    ``pairs="all"``: one unit for every two replies of different rank (a turn with ``k``
+    distinctly ranked replies gives up to ``k(k-1)/2``). ``first_turn_only=False`` also takes
+    the deeper prompter turns of each conversation (the unit's instruction is that turn's text).
+    Turns whose replies all share a rank are dropped as ``no_ordered_pair``."""
+    if pairs not in ("extremes", "all"):
+        raise ValueError(f"pairs must be 'extremes' or 'all', got {pairs!r}")
+    groups = eft_groups(trees, lang=lang, first_turn_only=first_turn_only)
     out = PreferenceSet(dropped=Counter(groups.dropped))
     for g in groups:
         replies = sorted(g["replies"], key=lambda r: r["rank"])
-        best, worst = replies[0], replies[-1]
-        if best["rank"] == worst["rank"]:
+        if replies[0]["rank"] == replies[-1]["rank"]:
             out.dropped["no_ordered_pair"] += 1
             continue
-        out.units.append({"id": record_id("pref", g["prompt_id"], best["id"], worst["id"]), "instruction": g["prompt"],
-                          "chosen": best["text"], "rejected": worst["text"], "source": source})
+        if pairs == "extremes":
+            chosen = [(replies[0], replies[-1])]
+        else:
+            chosen = [(a, b) for a, b in itertools.combinations(replies, 2) if a["rank"] < b["rank"]]
+        for best, worse in chosen:
+            out.units.append({"id": record_id("pref", g["prompt_id"], best["id"], worse["id"]), "instruction": g["prompt"],
+                              "chosen": best["text"], "rejected": worse["text"], "source": source})
     return out
 
 

@@ -15,6 +15,7 @@ on both sides of the split.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -118,9 +119,10 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
 
     The OpenAssistant trees are split by tree (``eft_heldout_fraction``); held-out trees give the
     ranked records ``eval.judge`` scores, and their rank-0 replies are removed from the IFT set
-    when it comes from the same file (counted as ``eft_heldout_tree``). Train trees and the
-    ``eft_pairwise`` files give preference units, length-balanced, seeded-shuffled and capped at
-    ``max_eft`` pointwise records (two per unit)."""
+    when it comes from the same file (counted as ``eft_heldout_tree``). Train trees (the turns and
+    reply pairs ``eft_oasst_turns`` / ``eft_oasst_pairs`` pick) and the ``eft_pairwise`` files give
+    preference units, length-balanced unless ``eft_length_balance`` is off, seeded-shuffled and
+    capped at ``max_eft`` pointwise records (two per unit)."""
     import random
 
     from selfalign.data.preferences import (
@@ -129,6 +131,10 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
     from selfalign.eval.judge_agreement import load_items
 
     path = cfg.eft.removeprefix("oasst:")
+    if not Path(path).is_file():
+        raise DataError(f"seed_data.eft: {path}: file not found (the OpenAssistant trees the judge trains on and is "
+                        f"evaluated on; ../shared/data/SOURCES.md says where they come from; paths are relative to "
+                        f"the directory the run starts in; seed_data.eft: demo trains on the shipped seed set instead)")
     lang = tuple(cfg.oasst_lang)
     train_trees, held_trees = split_trees(load_oasst(path), cfg.eft_heldout_fraction, cfg.seed)
     held_ids = {t.id for t in held_trees}
@@ -137,7 +143,7 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
         if len(kept) < len(ift):
             dropped = {**dropped, "eft_heldout_tree": len(ift) - len(kept)}
         ift = kept
-    pool = units_from_trees(train_trees, lang=lang)
+    pool = units_from_trees(train_trees, lang=lang, pairs=cfg.eft_oasst_pairs, first_turn_only=cfg.eft_oasst_turns == "first")
     for f in cfg.eft_pairwise:
         pool.extend(units_from_pairwise(load_items(f), source=f))
     before = pool.stats()

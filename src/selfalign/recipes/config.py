@@ -34,6 +34,15 @@ class SeedDataConfig(StrictModel):
         default_factory=list,
         description="eft_targets ranks: pairwise preference files ({input, output_1, output_2, label}) added to the training pool",
     )
+    eft_oasst_pairs: Literal["extremes", "all"] = Field(
+        "extremes",
+        description="eft_targets ranks: units per OASST turn: its best reply against its worst ('extremes'), "
+        "or every two replies of different rank ('all'; a middle reply is then the preferred one of some units and "
+        "the other of others, so its target averages out to its place in the ranking)",
+    )
+    eft_oasst_turns: Literal["first", "all"] = Field(
+        "first", description="eft_targets ranks: OASST prompter turns that give units: first turns only, or every turn"
+    )
     eft_length_balance: bool = Field(True, description="eft_targets ranks: keep as many 'shorter reply preferred' units as 'longer preferred'")
     eft_pairwise_examples: bool = Field(False, description="eft_targets ranks: also train 'Winner: A|B' pairwise_brief examples (both orders)")
     eft_ties: Literal["drop", "allow"] = Field("drop", description="oasst EFT: do tied scores count as agreement?")

@@ -3,6 +3,8 @@
 - ``eval.judge``: the judge skill of M_{t+1} (the model iteration t trained) on the run's
   held-out EFT split, the metrics of ``selfalign eval judge`` (pairwise accuracy against the
   reference ranking, ties, Spearman/Kendall, parse failures, random and longer-wins baselines).
+  With an SFT stage, M1 (the judge of iteration 1) is evaluated the same way first
+  (``sft/eval_judge``, :func:`run_seed_judge_eval`).
 - ``eval.winrate``: M_{t+1} against M_t on a prompt set none of the iterations trained on,
   judged in both orders by a fixed judge (by default the base model, which no iteration changes),
   as ``selfalign eval winrate`` reports it.
@@ -39,11 +41,21 @@ def run_iteration_evals(run: Run, cfg, t: int, keys: list[str], new_model: Path,
     return out
 
 
-def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_progress) -> dict:
+def run_seed_judge_eval(run: Run, cfg, keys: list[str], model: Path, parent: Path | None, eft_heldout: list[dict],
+                        log, show_progress: bool) -> dict:
+    """``eval.judge`` for M1, the SFT model that judges iteration 1 (stage ``sft/eval_judge``,
+    results in ``sft/eval_judge.json``); nothing when the run has no SFT (M1 is the base model,
+    and the first iteration's evaluation is of its successor)."""
+    if not cfg.eval.judge.enabled or parent is None:
+        return {}
+    return _judge_eval(run, cfg, 0, keys + EVAL_KEYS, model, parent, eft_heldout, log, show_progress, name="sft")
+
+
+def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_progress, name: str | None = None) -> dict:
     from selfalign.eval.judge_agreement import evaluate_judge, items_from_eft
     from selfalign.recipes.steps import GenerationModel
 
-    it = f"iter_{t}"
+    it = name or f"iter_{t}"
     stage = run.stage(f"{it}/eval_judge", depends_on=keys, outputs=[f"{it}/eval_judge.json"])
     if not stage.done:
         items = items_from_eft(eft_heldout, where="held-out EFT split")

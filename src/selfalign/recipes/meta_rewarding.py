@@ -26,7 +26,7 @@ from pathlib import Path
 from selfalign.data.records import atomic_write_json, read_jsonl
 from selfalign.data.seeding import SeedData
 from selfalign.recipes.config import MetaRewardingConfig
-from selfalign.recipes.evals import run_iteration_evals
+from selfalign.recipes.evals import run_iteration_evals, run_seed_judge_eval
 from selfalign.recipes.steps import (
     final_report,
     SEED_KEYS,
@@ -56,6 +56,7 @@ def run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = N
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
     log(f"run directory: {run.root}")
     seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, EFT)
+    run_seed_judge_eval(run, cfg, SEED_KEYS + ["judge"], model, parent, seed.eft_heldout, log, show_progress)  # M1's judge
     iterations = []
     for t in range(1, cfg.iterations + 1):
         next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
