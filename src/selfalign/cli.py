@@ -181,7 +181,8 @@ def run(
         _fail(e)
         return
     titles = {"meta_rewarding": "Meta-Rewarding iterations", "humpback": "Instruction Backtranslation rounds"}
-    console.print(iteration_table(result.iterations, title=titles.get(recipe, "Self-Rewarding iterations"), recipe=recipe))
+    console.print(iteration_table(result.iterations, title=titles.get(recipe, "Self-Rewarding iterations"), recipe=recipe,
+                                  start=result.start))
     console.print(f"run: {result.run_dir}  final model: {result.final_model}  wall time: {time.monotonic() - t0:.0f}s")
 
 

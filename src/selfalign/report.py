@@ -49,8 +49,11 @@ META_ROWS = [
 
 # the evaluations a run config asks for after each iteration (shown when present)
 EVAL_ROWS = [
-    ("held-out judge accuracy (ties)", lambda m: f"{_fmt(m.get('heldout_judge_accuracy'))} ({_fmt(m.get('heldout_judge_tie_rate'))})"),
-    ("held-out: random / longer wins", lambda m: f"{_fmt(m.get('heldout_random_accuracy'))} / {_fmt(m.get('heldout_longer_wins_accuracy'))}"),
+    ("held-out judge accuracy [95% CI]", lambda m: f"{_fmt(m.get('heldout_judge_accuracy'))} {_fmt_ci(m.get('heldout_judge_accuracy_ci95'))}"),
+    ("  length-balanced [95% CI]", lambda m: f"{_fmt(m.get('heldout_length_balanced_accuracy'))} {_fmt_ci(m.get('heldout_length_balanced_ci95'))}"),
+    ("  longer / shorter preferred", lambda m: f"{_fmt(m.get('heldout_longer_preferred_accuracy'))} / {_fmt(m.get('heldout_shorter_preferred_accuracy'))}"),
+    ("  agrees with longer-wins; ties", lambda m: f"{_fmt(m.get('heldout_longer_wins_agreement'))}; {_fmt(m.get('heldout_judge_tie_rate'))}"),
+    ("  baselines: random / longer wins", lambda m: f"{_fmt(m.get('heldout_random_accuracy'))} / {_fmt(m.get('heldout_longer_wins_accuracy'))}"),
     ("win rate vs previous [95% CI]", lambda m: f"{_fmt(m.get('win_rate_vs_previous'))} {_fmt_ci(m.get('win_rate_ci95'))}"),
     ("wins / ties / losses vs previous", "win_tie_loss_vs_previous"),
 ]
@@ -80,18 +83,23 @@ HUMPBACK_ROWS = [
 ]
 
 
-def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterations", recipe: str | None = None) -> Table:
-    """One column per iteration, one row per metric (fits a narrow terminal)."""
+def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterations", recipe: str | None = None,
+                    start: dict | None = None) -> Table:
+    """One column per iteration, one row per metric (fits a narrow terminal). ``start``: the
+    evaluations of the model the first iteration starts from (M1), shown as a first column;
+    an iteration's evaluation rows are of the model that iteration trained."""
     table = Table(title=title)
     table.add_column("metric", style="bold")
-    for m in iterations:
+    if start:
+        iterations = [start, *iterations]
+        table.add_column("start (M1)", overflow="fold")
+    for m in iterations[1 if start else 0:]:
         table.add_column(f"{'round' if recipe == 'humpback' else 'iter'} {m['iteration']}", overflow="fold")
     if recipe == "humpback":
         rows = HUMPBACK_ROWS
     else:
         rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
-        rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy", "heldout_judge_accuracy", "win_rate_vs_previous",
-                                                    "win_tie_loss_vs_previous"))
+        rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy",) * 5 + ("win_rate_vs_previous", "win_tie_loss_vs_previous"))
                  if any(key in m for m in iterations)]
     for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])

@@ -19,8 +19,10 @@ Three inputs become items (:func:`load_items` picks by content, not by file name
 :func:`evaluate_judge` has the model judge every reply ``k`` times with the rubric template
 (:class:`selfalign.stages.judge.LLMJudge`, resumable through ``judgments.jsonl``), takes each
 reply's mean parsable score, and writes ``summary.json``: the agreement metrics of
-:mod:`selfalign.eval.metrics` for the judge and for two baselines on the same items
-(``random``: exact expectations of a coin-flip judge; ``longer_wins``: the longer reply wins).
+:mod:`selfalign.eval.metrics`, the length-split accuracies of :mod:`selfalign.eval.length_balance`
+(with 95% bootstrap intervals over prompts) and the paper's "5-best %", for the judge and for
+two baselines on the same items (``random``: exact expectations of a coin-flip judge;
+``longer_wins``: the longer reply wins).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from selfalign.data.records import (
 )
 from selfalign.errors import DataError
 from selfalign.eval import metrics as M
+from selfalign.eval.length_balance import five_best, length_balanced_metrics
 
 __all__ = [
     "EvalJudgeConfig",
@@ -470,6 +473,8 @@ def summarize(
     lengths = [M.length_scores([r["text"] for r in it["replies"]]) for it in items]
     judge_metrics = M.agreement_metrics(scores, ranks, ranked=ranked)
     lo, hi = score_range if score_range else (None, None)
+    judge_metrics.update(_length_split(scores, ranks, lengths))
+    judge_metrics.update(five_best(scores, ranks, top=hi) if hi is not None else {"five_best": None, "five_best_items": None})
     judge_metrics.update(
         parse_failure_rate=M.parse_failure_rate(judgments),
         unscored_judgment_rate=M.unscored_judgment_rate(judgments),
@@ -487,20 +492,46 @@ def summarize(
         "dropped": dict(sorted(items.dropped.items())) if isinstance(items, ItemList) else {},
         "metrics": _rounded(judge_metrics),
         "baselines": {
-            "random": _rounded(M.random_baseline(ranks, ranked=ranked)),
-            "longer_wins": _rounded(M.agreement_metrics(lengths, ranks, ranked=ranked)),
+            "random": _rounded({**M.random_baseline(ranks, ranked=ranked), **_random_length_split(ranks, lengths)}),
+            "longer_wins": _rounded({**M.agreement_metrics(lengths, ranks, ranked=ranked), **_length_split(lengths, ranks, lengths)}),
         },
     }
     return summary
 
 
+def _length_split(scores, ranks, lengths) -> dict:
+    """Length-split rates (and their intervals, under ``ci95``) without the two keys
+    :func:`selfalign.eval.metrics.agreement_metrics` already has (their intervals are kept)."""
+    out = length_balanced_metrics(scores, ranks, lengths)
+    return {k: v for k, v in out.items() if k not in ("pairwise_accuracy", "tie_rate")}
+
+
+def _random_length_split(ranks, lengths) -> dict:
+    """What a coin-flip judge scores on the length split: exactly 1/2 on every direction (it never ties)."""
+    counts = length_balanced_metrics(lengths, ranks, lengths, resamples=0)
+    half = lambda n: 0.5 if n else None  # noqa: E731
+    return {
+        "longer_preferred_accuracy": half(counts["longer_preferred_pairs"]),
+        "shorter_preferred_accuracy": half(counts["shorter_preferred_pairs"]),
+        "length_balanced_accuracy": half(counts["longer_preferred_pairs"] and counts["shorter_preferred_pairs"]),
+        "longer_wins_agreement": half(counts["longer_preferred_pairs"] + counts["shorter_preferred_pairs"]),
+        "longer_preferred_pairs": counts["longer_preferred_pairs"], "shorter_preferred_pairs": counts["shorter_preferred_pairs"],
+        "equal_length_pairs": counts["equal_length_pairs"], "five_best": None, "five_best_items": None, "ci95": {},
+    }
+
+
 TABLE_ROWS = [
     ("pairwise_accuracy", "pairwise accuracy (ties = miss)"),
+    ("longer_preferred_accuracy", "  on pairs where the longer reply is preferred"),
+    ("shorter_preferred_accuracy", "  on pairs where the shorter reply is preferred"),
+    ("length_balanced_accuracy", "length-balanced accuracy (50% = length only)"),
+    ("longer_wins_agreement", "agrees with longer-wins"),
     ("pairwise_accuracy_excluding_ties", "pairwise accuracy, ties excluded"),
     ("tie_rate", "tie rate"),
     ("unscored_pairs", "unscored pairs (excluded)"),
     ("exact_match_best", "best reply matches human best"),
-    ("exact_match_ranking", "whole ranking matches"),
+    ("exact_match_ranking", "whole ranking matches (paper: exact match)"),
+    ("five_best", "human-best reply scored 5 (paper: 5-best)"),
     ("spearman", "Spearman (per item, mean)"),
     ("kendall_tau", "Kendall tau (per item, mean)"),
     ("constant_score_items", "items with constant scores"),
@@ -513,11 +544,11 @@ def summary_table(summary: dict):
     """A rich table: the judge's metrics next to both baselines."""
     from rich.table import Table
 
-    def fmt(v) -> str:
+    def fmt(v, ci=None) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.3f}"
+            return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         return str(v)
 
     j = summary.get("judge", {})
@@ -531,7 +562,12 @@ def summary_table(summary: dict):
             continue
         if key in ("parse_failure_rate", "unscored_judgment_rate"):
             vals[1] = vals[2] = None
-        table.add_row(label, *(fmt(v) for v in vals))
+        cis = [(d.get("ci95") or {}).get(key) for d in (summary["metrics"], base["random"], base["longer_wins"])]
+        table.add_row(label, *(fmt(v, ci) for v, ci in zip(vals, cis)))
+    m = summary["metrics"]
+    if m.get("longer_preferred_pairs") is not None:
+        table.caption = (f"[..] = 95% bootstrap interval over prompts. Scored pairs: {m['longer_preferred_pairs']} longer "
+                         f"preferred, {m['shorter_preferred_pairs']} shorter preferred, {m['equal_length_pairs']} equal length")
     return table
 
 

@@ -531,6 +531,9 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict]]]) -> bytes | None:
 
 AGREEMENT_METRICS = [
     ("pairwise_accuracy", "pairwise accuracy"),
+    ("longer_preferred_accuracy", "longer preferred"),
+    ("shorter_preferred_accuracy", "shorter preferred"),
+    ("length_balanced_accuracy", "length-balanced"),
     ("exact_match_best", "exact match (best)"),
     ("spearman", "Spearman"),
     ("kendall_tau", "Kendall tau"),
@@ -565,6 +568,12 @@ def judge_agreement(evals: Sequence[tuple[str, dict]]) -> bytes | None:
             xs = [x + (j - (len(series) - 1) / 2) * width for x in range(len(keys))]
             ys = [float(vals[k]) if _is_num(vals.get(k)) else math.nan for k, _ in keys]
             bars = ax.bar(xs, ys, width=width * 0.95, color=color, label=_t(name, 30))
+            cis = vals.get("ci95") if isinstance(vals.get("ci95"), dict) else {}
+            for x, y, (k, _) in zip(xs, ys, keys):
+                ci = cis.get(k)
+                if math.isfinite(y) and isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(c) for c in ci):
+                    ax.errorbar([x], [y], yerr=[[max(y - ci[0], 0)], [max(ci[1] - y, 0)]], fmt="none", ecolor="black",
+                                capsize=2, linewidth=0.8)
             for b, y in zip(bars, ys):
                 if math.isfinite(y):
                     ax.text(b.get_x() + b.get_width() / 2, y + (0.01 if y >= 0 else -0.01), f"{y:.2f}",

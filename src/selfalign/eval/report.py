@@ -506,6 +506,15 @@ def fmt_counts(counts: Any) -> str:
     return _clip("; ".join(parts), 400)
 
 
+def _with_ci(metrics: dict, name: str) -> str:
+    """A metric's value, followed by its 95% interval when the evaluation gives one (``ci95``)."""
+    ci = (metrics.get("ci95") or {}).get(name) if isinstance(metrics.get("ci95"), dict) else None
+    text = fmt_value(metrics.get(name))
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(c) for c in ci):
+        text += f" [{fmt_value(ci[0])}, {fmt_value(ci[1])}]"
+    return text
+
+
 def _metric_titles() -> dict[str, str]:
     """Readable names for the metrics keys the recipes write (from the text report's rows)."""
     from selfalign.report import ITERATION_ROWS, META_ROWS
@@ -663,7 +672,9 @@ def _figures(data: RunData) -> tuple[list[dict], list[str]]:
     if data.judge_evals:
         add("judge_agreement", "judge-agreement", "Judge agreement",
             "How often the judge ranks responses the way the reference labels do, next to the baselines "
-            "(random scores; always preferring the longer response).",
+            "(random scores; always preferring the longer response), overall and split by whether the preferred "
+            "response is the longer or the shorter one. Length-balanced accuracy is the mean of the two; 50% "
+            "means nothing beyond length was learned. Whiskers: 95% bootstrap intervals over prompts.",
             plots.judge_agreement, data.judge_evals)
     if data.winrate_evals:
         add("winrate", "winrate", "Win rate",
@@ -743,10 +754,10 @@ def _context(data: RunData, figs: list[dict], notes: list[str]) -> dict:
         metrics = ev.get("metrics") if isinstance(ev.get("metrics"), dict) else {}
         baselines = {str(b): v for b, v in (ev.get("baselines") or {}).items() if isinstance(v, dict)} if isinstance(ev.get("baselines"), dict) else {}
         names = list(metrics) + [k for b in baselines.values() for k in b if k not in metrics]
-        names = list(dict.fromkeys(names))
+        names = [n for n in dict.fromkeys(names) if n != "ci95"]  # intervals go beside their values
         judge_tables.append({
             "label": label, "baselines": list(baselines),
-            "rows": [{"name": n, "judge": fmt_value(metrics.get(n)), "baselines": [fmt_value(b.get(n)) for b in baselines.values()]}
+            "rows": [{"name": n, "judge": _with_ci(metrics, n), "baselines": [_with_ci(b, n) for b in baselines.values()]}
                      for n in names],
             "info": [(k, fmt_value(v)) for k, v in ev.items() if k not in {"metrics", "baselines", "kind"} and not isinstance(v, (dict, list))]
             + ([("judge", fmt_value(ev["judge"]["model"]))] if isinstance(ev.get("judge"), dict) and ev["judge"].get("model") else []),

@@ -80,14 +80,28 @@ def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_prog
     summary = json.loads((run.root / it / "eval_judge.json").read_text())
     m, base = summary["metrics"], summary.get("baselines", {})
     rand, longer = base.get("random", {}).get("pairwise_accuracy"), base.get("longer_wins", {}).get("pairwise_accuracy")
-    log(f"[{it}] held-out judge: pairwise accuracy {_pct(m.get('pairwise_accuracy'))} on {summary.get('pairs')} pairs "
-        f"of {summary.get('items')} prompts (random {_pct(rand)}, longer reply wins {_pct(longer)})")
+    ci = m.get("ci95") or {}
+    log(f"[{it}] held-out judge ({summary.get('pairs')} pairs of {summary.get('items')} prompts): pairwise accuracy "
+        f"{_pct(m.get('pairwise_accuracy'), ci.get('pairwise_accuracy'))}, length-balanced "
+        f"{_pct(m.get('length_balanced_accuracy'), ci.get('length_balanced_accuracy'))} (longer preferred "
+        f"{_pct(m.get('longer_preferred_accuracy'))}, shorter preferred {_pct(m.get('shorter_preferred_accuracy'))}); "
+        f"agrees with longer-wins {_pct(m.get('longer_wins_agreement'))}; baselines: random {_pct(rand)}, "
+        f"longer reply wins {_pct(longer)} (length-balanced: both 50%)")
     return {"heldout_judge_accuracy": m.get("pairwise_accuracy"), "heldout_judge_tie_rate": m.get("tie_rate"),
-            "heldout_judge_items": summary.get("items"), "heldout_random_accuracy": rand, "heldout_longer_wins_accuracy": longer}
+            "heldout_judge_items": summary.get("items"), "heldout_random_accuracy": rand, "heldout_longer_wins_accuracy": longer,
+            "heldout_judge_accuracy_ci95": ci.get("pairwise_accuracy"),
+            "heldout_length_balanced_accuracy": m.get("length_balanced_accuracy"),
+            "heldout_length_balanced_ci95": ci.get("length_balanced_accuracy"),
+            "heldout_longer_preferred_accuracy": m.get("longer_preferred_accuracy"),
+            "heldout_shorter_preferred_accuracy": m.get("shorter_preferred_accuracy"),
+            "heldout_longer_wins_agreement": m.get("longer_wins_agreement"),
+            "heldout_five_best": m.get("five_best")}
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
+def _pct(x, ci=None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
 
 
 def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> dict:

@@ -51,14 +51,14 @@ def run_self_rewarding(cfg: SelfRewardingConfig, *, restart_from: str | None = N
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
     log(f"run directory: {run.root}")
     seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, IFT + EFT)
-    run_seed_judge_eval(run, cfg, SEED_KEYS + ["judge"], model, parent, seed.eft_heldout, log, show_progress)  # M1's judge
+    start = run_seed_judge_eval(run, cfg, SEED_KEYS + ["judge"], model, parent, seed.eft_heldout, log, show_progress)  # M1's judge
     iterations = []
     for t in range(1, cfg.iterations + 1):
         next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
         model, parent = next_model, model
         iterations.append(metrics)
     final_report(run, log)
-    return RecipeResult(run.root, model, iterations)
+    return RecipeResult(run.root, model, iterations, start)
 
 
 def iteration(

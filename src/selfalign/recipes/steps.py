@@ -7,7 +7,7 @@ knows nothing about which recipe called it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfalign.config import GenerationConfig, ModelConfig
@@ -31,6 +31,7 @@ class RecipeResult:
     run_dir: Path
     final_model: Path
     iterations: list[dict]
+    start: dict = field(default_factory=dict)  # evaluations of the model the first iteration starts from (M1)
 
 
 class Log:
