@@ -324,7 +324,7 @@ def make_log_callback(log: LogFn | None):
     """A TrainerCallback that turns each trainer log entry into one line for ``log``."""
     from transformers import TrainerCallback
 
-    keys = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "learning_rate")
+    keys = ("loss", "rewards/margins", "rewards/accuracies", "pair_accuracy", "score_margin", "grad_norm", "learning_rate")
 
     class _LogLines(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -91,6 +91,31 @@ class DPOSettings(TrainSettings):
         return self
 
 
+class JudgePairwiseSettings(TrainSettings):
+    """Pairwise (Bradley-Terry) training of the judge's direct score on preference units
+    (:mod:`selfalign.training.judge_pairwise`): ``-log sigmoid(scale * (s_chosen - s_rejected))``,
+    ``s`` the probability-weighted score digit after ``Score: `` in ``template``. ``max_length``
+    bounds the judge prompts (longer units are dropped, never cut)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    scale: float = Field(2.0, gt=0, description="Bradley-Terry scale on the score difference (points on the 0-5 scale)")
+    template: str = Field("judge_brief", description="judge template whose direct score is trained (use the one judge.template names)")
+    min_score: int = Field(0, ge=0, le=9)
+    max_score: int = Field(5, ge=1, le=9)
+    length_expert: float | Literal["fit"] = Field(
+        0.0,
+        description="a fixed length-only expert added to the Bradley-Terry logit: w * log(chars chosen / chars rejected). "
+        "The judge is then trained on what length does not explain (its own score is used alone at inference). "
+        "0 = off; 'fit' = the w that best explains the training units by length alone (1-D logistic regression)",
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> JudgePairwiseSettings:
+        if self.min_score >= self.max_score:
+            raise ValueError(f"min_score ({self.min_score}) must be below max_score ({self.max_score})")
+        return self
+
+
 # training.report_to: transformers' own logging integrations that selfalign can switch on
 REPORT_TO = ("none", "tensorboard", "wandb")
 

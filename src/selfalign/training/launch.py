@@ -39,7 +39,7 @@ from selfalign import memory
 from selfalign.data.records import atomic_write_json, atomic_write_text
 from selfalign.errors import TrainingError
 from selfalign.training.common import LogFn, check_report_to
-from selfalign.training.config import DPOSettings, LaunchSettings, SFTSettings, TrainSettings
+from selfalign.training.config import DPOSettings, JudgePairwiseSettings, LaunchSettings, SFTSettings, TrainSettings
 from selfalign.training.outputs import (
     FINISHED_MARKER,
     TrainResult,
@@ -50,6 +50,7 @@ from selfalign.training.outputs import (
 )
 
 TAIL_LINES = 30
+TRAIN_KINDS = ("sft", "dpo", "judge_pairwise")
 # a worker's own error line (worker.py prints "error (rank R): ..."; tracebacks end "SomeError: ...")
 _CAUSE = re.compile(r"^(error \(rank \d+\): |[A-Za-z_][\w.]*(Error|Exception): )")
 _NOT_CAUSE = ("ChildFailedError", "Connection closed by peer")  # the launcher's and gloo's echoes of it
@@ -88,11 +89,11 @@ def train(
     ref_model_dir: Path | None = None,
     log: LogFn | None = None,
 ) -> TrainResult:
-    """SFT (``kind="sft"``, chat records) or DPO (``"dpo"``, preference pairs) of ``model_dir``
-    into ``out_dir``, where ``launch`` says (see module doc); ``engine`` is the run's
-    ``EngineConfig`` (for ``isolate: auto``)."""
-    if kind not in ("sft", "dpo"):
-        raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+    """SFT (``kind="sft"``, chat records), DPO (``"dpo"``, preference pairs) or pairwise judge
+    training (``"judge_pairwise"``, preference units) of ``model_dir`` into ``out_dir``, where
+    ``launch`` says (see module doc); ``engine`` is the run's ``EngineConfig`` (for ``isolate: auto``)."""
+    if kind not in TRAIN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TRAIN_KINDS)}, got {kind!r}")
     launch = launch or LaunchSettings()
     check_report_to(launch.report_to)  # here, before a child process is started for nothing
     if not needs_child(launch, engine):
@@ -100,6 +101,10 @@ def train(
             from selfalign.training.sft import train_sft
 
             return train_sft(model_dir, records, out_dir, settings, log=log, report_to=launch.report_to)
+        if kind == "judge_pairwise":
+            from selfalign.training.judge_pairwise import train_judge_pairwise
+
+            return train_judge_pairwise(model_dir, records, out_dir, settings, log=log, report_to=launch.report_to)
         from selfalign.training.dpo import train_dpo
 
         return train_dpo(model_dir, records, out_dir, settings, ref_model_dir=ref_model_dir, log=log, report_to=launch.report_to)
@@ -107,6 +112,12 @@ def train(
 
 
 def _fingerprint(kind: str, model_dir: Path, records: list[dict], settings: TrainSettings, ref_model_dir: Path | None) -> dict:
+    if kind == "judge_pairwise":
+        from selfalign.training.judge_pairwise import to_units
+
+        if not isinstance(settings, JudgePairwiseSettings):
+            raise TypeError("pairwise judge training needs JudgePairwiseSettings")
+        return make_fingerprint("judge_pairwise", model_dir, to_units(records), settings)
     if kind == "sft":
         from selfalign.training.sft import to_prompt_completion
 

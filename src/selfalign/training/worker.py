@@ -1,4 +1,4 @@
-"""The training worker: runs one SFT or DPO job described by a job file, in its own process.
+"""The training worker: runs one SFT, DPO or pairwise judge job described by a job file, in its own process.
 
     python -m selfalign.training.worker JOB.json                        # one process
     accelerate launch --num_processes N -m selfalign.training.worker JOB.json
@@ -6,7 +6,7 @@
 :mod:`selfalign.training.launch` writes the job file and starts this; it can also be run by
 hand (e.g. on every node of a cluster).  Job file (JSON)::
 
-    {"kind": "sft" | "dpo", "model_dir": ..., "data_file": ... (JSONL records),
+    {"kind": "sft" | "dpo" | "judge_pairwise", "model_dir": ..., "data_file": ... (JSONL records),
      "out_dir": ..., "settings": {... SFTSettings / DPOSettings ...}, "ref_model_dir": null | ...,
      "report_to": "none" | "tensorboard" | "wandb"}     (optional; default "none")
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from selfalign.errors import SelfAlignError
 
-JOB_KINDS = ("sft", "dpo")
+JOB_KINDS = ("sft", "dpo", "judge_pairwise")
 
 
 def load_job(path: Path) -> dict:
@@ -56,7 +56,7 @@ def _rank() -> int:
 def run_job(job_file: Path) -> None:
     from selfalign import memory
     from selfalign.data.records import atomic_write_json
-    from selfalign.training.config import DPOSettings, SFTSettings
+    from selfalign.training.config import DPOSettings, JudgePairwiseSettings, SFTSettings
 
     job = load_job(job_file)
     rank = _rank()
@@ -68,6 +68,13 @@ def run_job(job_file: Path) -> None:
 
         result = train_sft(
             Path(job["model_dir"]), records, Path(job["out_dir"]), SFTSettings.model_validate(job["settings"]),
+            log=log, report_to=report_to,
+        )
+    elif job["kind"] == "judge_pairwise":
+        from selfalign.training.judge_pairwise import train_judge_pairwise
+
+        result = train_judge_pairwise(
+            Path(job["model_dir"]), records, Path(job["out_dir"]), JudgePairwiseSettings.model_validate(job["settings"]),
             log=log, report_to=report_to,
         )
     else:
