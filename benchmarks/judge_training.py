@@ -22,10 +22,23 @@ Rows (one SFT of the embedded SmolLM2-135M-Instruct per training size, from the 
   (the mean of the two preferences, each mapped to [0, 1]).
 * at 0 units, the base model is evaluated the same three ways.
 
+* ``bt`` (``--objective pairwise`` or ``both``): pairwise Bradley-Terry training of the direct
+  score (:mod:`selfalign.training.judge_pairwise`; ``seed_data.eft_objective: pairwise`` in a
+  run): ONE training pass over the first max(points) units, the model saved after each
+  point's number of units has been seen and evaluated there (so the BT curve is "units seen"
+  within one lr schedule, not separate trainings per size). Optional ``--length-expert``.
+
+Every row reports overall pairwise accuracy and the length split of
+:mod:`selfalign.eval.length_balance` (accuracy where the preferred reply is the longer / the
+shorter one, their mean = length-balanced accuracy, agreement with longer-wins), each with a
+95% bootstrap interval over held-out prompts, plus training time and peak RSS.
+
 Baselines on the same held-out pairs: random (50%) and "the longer reply wins".
 
     .venv/bin/python benchmarks/judge_training.py                 # -> benchmarks/results/judge_training.json
     .venv/bin/python benchmarks/judge_training.py --points 0,32 --mixed-at 0 --quick   # smoke run
+    .venv/bin/python benchmarks/judge_training.py --objective pairwise --points 0,80,160,240 --mixed-at 0 \
+        --no-balance --oasst-pairs all --oasst-turns all --pairwise-files <stems> --out judge_training_bt
 """
 
 from __future__ import annotations
@@ -64,6 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairwise-files", default="all",
                    help="comma-separated stems of the llmbar/*.json files to add to the pool, 'all' or 'none'")
     p.add_argument("--no-pairwise", action="store_true", help="skip the forced pairwise verdict of the base model (slow on a CPU)")
+    p.add_argument("--objective", choices=("sft", "pairwise", "both"), default="both",
+                   help="which trained rows: SFT to score targets ('pointwise'), pairwise Bradley-Terry ('bt'), or both")
+    p.add_argument("--bt-learning-rate", type=float, default=1e-5)
+    p.add_argument("--bt-batch-size", type=int, default=4, help="units per step (each unit = 2 sequences)")
+    p.add_argument("--bt-scale", type=float, default=2.0)
+    p.add_argument("--bt-max-length", type=int, default=1024)
+    p.add_argument("--bt-bf16", choices=("auto", "true", "false"), default="true",
+                   help="bf16 autocast for BT (true: as in the probe of issue 23; needs native bf16 to be fast)")
+    p.add_argument("--length-expert", default="0", help="BT length expert weight: a number, or 'fit'")
     p.add_argument("--quick", action="store_true", help="8 held-out items only (smoke run)")
     p.add_argument("--work", default=None, help="folder for the trained models (default: a temporary one, removed)")
     p.add_argument("--out", default="judge_training", help="results name under benchmarks/results/")
@@ -156,7 +178,12 @@ def evaluate(model_dir, items, work: Path, with_pairwise: bool) -> dict:
         for it, x, y in pairs:
             sx, sy = pw["scores"][(it["id"], x["id"])], pw["scores"][(it["id"], y["id"])]
             point_pref.append(0.5 if sx is None or sy is None else 0.5 + (sx - sy) / 10)  # 0-5 scale -> [0, 1]
-        row = {"pointwise": pw["summary"]["metrics"]["pairwise_accuracy"],
+        m = pw["summary"]["metrics"]
+        ci = m.get("ci95") or {}
+        row = {"pointwise": m["pairwise_accuracy"], "pointwise_ci95": ci.get("pairwise_accuracy"),
+               "length_balanced": m.get("length_balanced_accuracy"), "length_balanced_ci95": ci.get("length_balanced_accuracy"),
+               "longer_preferred": m.get("longer_preferred_accuracy"), "shorter_preferred": m.get("shorter_preferred_accuracy"),
+               "longer_wins_agreement": m.get("longer_wins_agreement"),
                "pointwise_tie_rate": pw["summary"]["metrics"].get("tie_rate"),
                "score_histogram": pw["summary"]["metrics"].get("score_histogram"),
                "pointwise_longer_agreement": round(sum((p > 0.5) == (len(x["text"].strip()) > len(y["text"].strip()))
@@ -191,6 +218,60 @@ def train(base, units, work: Path, args, pairwise: bool) -> tuple[Path, dict]:
     return out, {"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss, "train_seconds": round(res.seconds, 1)}
 
 
+def train_bt_curve(base, units, points: list[int], work: Path, args) -> list[tuple[int, Path, dict]]:
+    """One BT pass over ``units[:max(points)]``; the model after each point's units is saved
+    and returned as (units seen, model dir, training info)."""
+    from transformers import TrainerCallback
+
+    from selfalign import memory
+    from selfalign.training.config import JudgePairwiseSettings
+    from selfalign.training.judge_pairwise import train_judge_pairwise
+
+    n = max(points)
+    bs = args.bt_batch_size
+    at_step = {p // bs: p for p in points if p > 0 and p % bs == 0}
+    if len(at_step) != len([p for p in points if p > 0]):
+        raise SystemExit(f"--points must be multiples of --bt-batch-size ({bs}) for the BT curve")
+    saved: dict[int, Path] = {}
+    t0 = time.time()
+    seconds: dict[int, float] = {}
+
+    class SaveAt(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, processing_class=None, **kw):
+            if state.global_step in at_step:
+                u = at_step[state.global_step]
+                d = work / f"bt_{u}" / "model"
+                model.save_pretrained(d)
+                processing_class.save_pretrained(d)
+                saved[u], seconds[u] = d, round(time.time() - t0, 1)
+
+    expert = args.length_expert if args.length_expert == "fit" else float(args.length_expert)
+    bf16 = {"auto": "auto", "true": True, "false": False}[args.bt_bf16]
+    settings = JudgePairwiseSettings(learning_rate=args.bt_learning_rate, epochs=1, per_device_batch_size=bs, scale=args.bt_scale,
+                                     max_length=args.bt_max_length, save_steps=10_000, bf16=bf16, seed=args.seed,
+                                     length_expert=expert, template="judge_brief")
+    memory.start()
+    lines: list[str] = []
+    def log(line: str) -> None:
+        lines.append(line)
+        print(f"  [bt] {line}", flush=True)
+
+    print(f"BT: {n} units, the first of which are {sum(len(u['chosen'].strip()) > len(u['rejected'].strip()) for u in units[:n])} "
+          f"longer-preferred", flush=True)
+    res = train_judge_pairwise(base, units[:n], work / "bt_final", settings, callbacks=[SaveAt()], log=log)
+    peak = memory.own_peak()["peak_rss_mb"]
+    dropped = next((ln for ln in lines if "dropped" in ln), None)
+    expert_line = next((ln for ln in lines if "length expert" in ln), None)
+    out = []
+    for u in sorted(saved):
+        hist = [h for h in res.history if "loss" in h and h.get("step", 0) <= u // bs]
+        out.append((u, saved[u], {"examples": 2 * u, "steps": u // bs, "train_seconds": seconds[u], "peak_rss_mb": peak,
+                                  "final_loss": hist[-1]["loss"] if hist else None, "dropped": dropped,
+                                  "length_expert": expert_line}))
+    shutil.rmtree(work / "bt_final", ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not OASST.is_file():
@@ -203,10 +284,22 @@ def main(argv=None) -> int:
     points = [int(x) for x in args.points.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="judge_training_"))
     rows, summary0 = [], None
-    runs = [(n, False) for n in points] + ([(args.mixed_at, True)] if args.mixed_at else [])
+    sft_points = points if args.objective in ("sft", "both") else [p for p in points if p == 0]
+    runs = [(n, False) for n in sft_points] + ([(args.mixed_at, True)] if args.mixed_at else [])
     if args.mixed_at and 0 not in points:
         runs.insert(0, (0, False))
+    if any(n > len(units) for n in points):
+        raise SystemExit(f"--points {max(points)} is more than the {len(units)} training units")
     try:
+        if args.objective in ("pairwise", "both") and any(points):
+            for n, model, tinfo in train_bt_curve(base, units, points, work, args):
+                info = {"units": n, "row": "bt", **tinfo}
+                ev, summary = evaluate(model, items, work / f"bt_{n}", with_pairwise=False)
+                info.update(ev)
+                summary0 = summary0 or summary
+                rows.append(info)
+                print(json.dumps(info), flush=True)
+                shutil.rmtree(model, ignore_errors=True)
         for n, mixed in runs:
             if n > len(units):
                 raise SystemExit(f"--points/--mixed-at {n} is more than the {len(units)} training units")
@@ -227,14 +320,23 @@ def main(argv=None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    baselines = {"random": 0.5, "longer_wins": summary0["baselines"]["longer_wins"]["pairwise_accuracy"]}
+    lw = summary0["baselines"]["longer_wins"]
+    baselines = {"random": 0.5, "longer_wins": lw["pairwise_accuracy"], "longer_wins_ci95": (lw.get("ci95") or {}).get("pairwise_accuracy"),
+                 "longer_preferred_pairs": summary0["metrics"].get("longer_preferred_pairs"),
+                 "shorter_preferred_pairs": summary0["metrics"].get("shorter_preferred_pairs")}
     result = {"machine": machine_info(), "args": vars(args), "data": data_info,
               "heldout": {"items": summary0["items"], "pairs": summary0["pairs"], "replies": summary0["replies"]},
               "baselines": baselines, "rows": rows}
     path = write_results(args.out, result)
-    table = [{"row": r["row"], "units": r["units"], "examples": r.get("examples", 0), "pointwise": r["pointwise"],
-              "pairwise": r.get("pairwise", ""), "combined": r.get("combined", ""), "random": 0.5,
-              "longer wins": baselines["longer_wins"]} for r in rows]
+    def ci(x, c):
+        return f"{x:.3f} [{c[0]:.3f}, {c[1]:.3f}]" if x is not None and c else ("-" if x is None else f"{x:.3f}")
+
+    table = [{"row": r["row"], "units": r["units"], "accuracy [95% CI]": ci(r["pointwise"], r.get("pointwise_ci95")),
+              "length-balanced [95% CI]": ci(r.get("length_balanced"), r.get("length_balanced_ci95")),
+              "longer / shorter preferred": f"{r.get('longer_preferred')} / {r.get('shorter_preferred')}",
+              "agrees w/ longer": r.get("longer_wins_agreement"), "train s": r.get("train_seconds", 0),
+              "peak RSS MB": r.get("peak_rss_mb", ""), "pairwise": r.get("pairwise", ""), "longer wins": baselines["longer_wins"]}
+             for r in rows]
     print_table(table, list(table[0]))
     print(f"held-out: {summary0['items']} prompts, {summary0['pairs']} pairs; results in {path}")
     return 0

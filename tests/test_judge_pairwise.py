@@ -115,3 +115,49 @@ def test_length_expert_fit_follows_how_often_the_longer_reply_wins():
     assert w * log_length_ratio(longer_wins[0]) == pytest.approx(__import__("math").log(3), abs=1e-6)
     assert fit_length_expert(longer_wins[:1] + longer_wins[3:]) == pytest.approx(0.0, abs=1e-9)
     assert 10 < fit_length_expert(longer_wins[:3]) <= 20.0  # length separates every unit: large, capped, finite
+
+
+def test_seed_model_with_the_pairwise_objective(tmp_path, tiny_model_dir):
+    """eft_objective pairwise: SFT sees the IFT only, then the judge_pairwise stage trains M1's judge
+    on the preference units; M1 generates and judges like any model, and a rerun redoes nothing."""
+    from conftest import shared_file
+
+    from selfalign.cli import _default_recipe_config
+    from selfalign.config import EngineConfig, ModelConfig, load_config
+    from selfalign.engines import create_engine
+    from selfalign.engines.base import GenerationRequest, SamplingParams
+    from selfalign.recipes.config import SelfRewardingConfig
+    from selfalign.recipes.steps import Log, seed_model
+    from selfalign.run import Run
+
+    shared_file("oasst/oasst_en_100_trees.jsonl")
+    cfg = load_config(SelfRewardingConfig, _default_recipe_config(), [
+        f"runs_dir={tmp_path}", "name=pw", f"model.spec={tiny_model_dir}", "model.dtype=float32",
+        "seed_data.eft_objective=pairwise", "seed_data.max_ift=4", "seed_data.max_eft=16",
+        "sft.settings.max_steps=1", "sft.settings.max_length=128", "sft.settings.bf16=false",
+        "sft.judge_pairwise.max_steps=2", "sft.judge_pairwise.per_device_batch_size=2", "sft.judge_pairwise.bf16=false",
+        "sft.judge_pairwise.max_length=700",
+    ])
+    run = Run.open(tmp_path / "pw", cfg.model_dump(mode="json"))
+    seed, m1, parent = seed_model(run, cfg, Log(quiet=True), False)
+    assert m1 == run.root / "judge_pairwise" / "model" and parent is not None
+    stages = run.manifest["stages"]
+    assert stages["sft"]["counts"]["examples"] == 4  # the IFT only: no 'Score: N' examples
+    assert stages["judge_pairwise"]["counts"]["units"] == len(seed.eft_units) == 8 and stages["judge_pairwise"]["counts"]["steps"] == 2
+    assert {"instruction", "chosen", "rejected"} <= set(seed.eft_units[0])
+    with create_engine(ModelConfig(spec=str(m1), dtype="float32"), EngineConfig(kind="hf")) as engine:
+        req = GenerationRequest.chat("q", [{"role": "user", "content": "Say hi."}], SamplingParams(max_new_tokens=4, temperature=0.0))
+        assert len(list(engine.generate([req]))[0].samples) == 1
+    assert len(direct_scores(m1, [("Say hi.", "Hi!")])) == 1
+    before = (m1 / "training.json").read_text()
+    again = Run.open(tmp_path / "pw", cfg.model_dump(mode="json"))
+    assert seed_model(again, cfg, Log(quiet=True), False)[1] == m1 and (m1 / "training.json").read_text() == before
+
+
+def test_pairwise_objective_needs_rank_units():
+    from pydantic import ValidationError
+
+    from selfalign.recipes.config import SeedDataConfig
+
+    with pytest.raises(ValidationError, match="eft_targets: ranks"):
+        SeedDataConfig(eft_objective="pairwise")

@@ -49,6 +49,7 @@ class SeedData:
     dropped: dict = field(default_factory=dict)
     judge_chat: list[dict] = field(default_factory=list)  # extra judge SFT chat examples (pairwise verdicts)
     eft_stats: dict = field(default_factory=dict)
+    eft_units: list[dict] = field(default_factory=list)  # eft_targets ranks: the preference units (instruction, chosen, rejected)
 
     @property
     def prompts(self) -> list[str]:
@@ -158,7 +159,7 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
     chat = pairwise_examples(units) if cfg.eft_pairwise_examples else []
     trained = PreferenceSet(units, pool.dropped).stats()
     stats = {"pool": before, "trained": trained, "heldout_trees": len(held_trees)}
-    return SeedData(ift, pointwise_records(units), heldout_records(held_trees, lang=lang), dropped, chat, stats)
+    return SeedData(ift, pointwise_records(units), heldout_records(held_trees, lang=lang), dropped, chat, stats, units)
 
 
 def eft_to_chat(eft: list[dict], template: str) -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from selfalign.config import EngineConfig, ModelConfig, StrictModel
-from selfalign.training.config import DPOSettings, LaunchSettings, SFTSettings
+from selfalign.training.config import DPOSettings, JudgePairwiseSettings, LaunchSettings, SFTSettings
 
 
 class SeedDataConfig(StrictModel):
@@ -43,6 +43,13 @@ class SeedDataConfig(StrictModel):
     eft_oasst_turns: Literal["first", "all"] = Field(
         "first", description="eft_targets ranks: OASST prompter turns that give units: first turns only, or every turn"
     )
+    eft_objective: Literal["sft", "pairwise"] = Field(
+        "sft",
+        description="how the judge learns from EFT: 'sft' = the paper's (judge prompt -> judgment text in M1's SFT); "
+        "'pairwise' (needs eft_targets: ranks) = after SFT on the IFT, a Bradley-Terry loss trains the judge's direct "
+        "score of the preferred reply of each unit above the other's (settings: sft.judge_pairwise; "
+        "judge with judge.scoring: direct)",
+    )
     eft_length_balance: bool = Field(True, description="eft_targets ranks: keep as many 'shorter reply preferred' units as 'longer preferred'")
     eft_pairwise_examples: bool = Field(False, description="eft_targets ranks: also train 'Winner: A|B' pairwise_brief examples (both orders)")
     eft_ties: Literal["drop", "allow"] = Field("drop", description="oasst EFT: do tied scores count as agreement?")
@@ -54,14 +61,27 @@ class SeedDataConfig(StrictModel):
     oasst_lang: list[str] = Field(default_factory=lambda: ["en"])
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _pairwise_needs_units(self) -> SeedDataConfig:
+        if self.eft_objective == "pairwise" and self.eft_targets != "ranks":
+            raise ValueError("eft_objective 'pairwise' trains on human preference units: it needs eft_targets: ranks "
+                             "(and an oasst:<file> eft or eft_pairwise files)")
+        return self
+
 
 class SFTStageConfig(StrictModel):
-    """M1 = SFT of the base model on IFT + EFT (skip it when starting from a tuned model)."""
+    """M1 = SFT of the base model on IFT + EFT (skip it when starting from a tuned model); with
+    ``seed_data.eft_objective: pairwise``, SFT on the IFT and then pairwise judge training."""
 
     enabled: bool = True
     use_ift: bool = True
     use_eft: bool = True
     settings: SFTSettings = Field(default_factory=SFTSettings)
+    judge_pairwise: JudgePairwiseSettings = Field(
+        default_factory=JudgePairwiseSettings,
+        description="seed_data.eft_objective pairwise: the Bradley-Terry judge training after SFT (its template is "
+        "judge.template's, whatever is set here)",
+    )
 
 
 class SelfInstructConfig(StrictModel):

@@ -48,10 +48,19 @@ def run_seed_judge_eval(run: Run, cfg, keys: list[str], model: Path, parent: Pat
     and the first iteration's evaluation is of its successor)."""
     if not cfg.eval.judge.enabled or parent is None:
         return {}
-    return _judge_eval(run, cfg, 0, keys + EVAL_KEYS, model, parent, eft_heldout, log, show_progress, name="sft")
+    return _judge_eval(run, cfg, 0, keys + EVAL_KEYS, model, parent, eft_heldout, log, show_progress, name="sft",
+                       label=_relative(model, run.root))
 
 
-def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_progress, name: str | None = None) -> dict:
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_progress, name: str | None = None,
+                label: str | None = None) -> dict:
     from selfalign.eval.judge_agreement import evaluate_judge, items_from_eft
     from selfalign.recipes.steps import GenerationModel
 
@@ -71,7 +80,7 @@ def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_prog
                     engine(), items, out_dir=run.root / it / "eval_judge", template=j.template, k=hook.k,
                     scoring=hook.scoring or j.scoring, temperature=j.temperature, top_p=j.top_p,
                     max_new_tokens=hook.max_new_tokens or j.max_new_tokens, seed=cfg.seed + 3000 + t,
-                    show_progress=show_progress, data="held-out EFT split", model=f"{it}/model",
+                    show_progress=show_progress, data="held-out EFT split", model=label or f"{it}/model",
                 )
                 atomic_write_json(st.run.root / it / "eval_judge.json", summary)
                 st.finish({"items": summary.get("items"), **{k: summary["metrics"].get(k) for k in ("pairwise_accuracy", "tie_rate")}})

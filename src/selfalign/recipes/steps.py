@@ -181,16 +181,42 @@ def eft_from_oasst(run: Run, cfg, base: Path, log, show_progress: bool) -> tuple
 
 
 def sft_step(run: Run, cfg, base: Path, seed: SeedData, log) -> Path:
-    """M1 = SFT of the base model on IFT (+ EFT as judge-prompt -> judgment examples)."""
+    """M1 = SFT of the base model on IFT (+ EFT as judge-prompt -> judgment examples); with
+    ``seed_data.eft_objective: pairwise`` the EFT units train the judge afterwards (:func:`judge_pairwise_step`)."""
+    pairwise = cfg.sft.use_eft and getattr(cfg.seed_data, "eft_objective", "sft") == "pairwise"
     ift = list(seed.ift) if getattr(cfg.sft, "use_ift", True) else []
-    examples = ift + (eft_to_chat(seed.eft_train, cfg.judge.template) + list(seed.judge_chat) if cfg.sft.use_eft else [])
-    stage = run.stage("sft", depends_on=SEED_KEYS + ["judge.template"], outputs=["sft/model"])
-    out = run.root / "sft" / "model"
+    eft = (list(seed.judge_chat) + ([] if pairwise else eft_to_chat(seed.eft_train, cfg.judge.template))) if cfg.sft.use_eft else []
+    examples = ift + eft
+    out = base
+    if examples or not pairwise:
+        stage = run.stage("sft", depends_on=SEED_KEYS + ["judge.template"], outputs=["sft/model"])
+        out = run.root / "sft" / "model"
+        if not stage.done:
+            with stage as st:
+                log(f"SFT of {base.name} on {len(ift)} IFT + {len(eft)} EFT examples")
+                res = train("sft", base, examples, out, cfg.sft.settings, launch=cfg.training, engine=cfg.engine, log=log)
+                st.finish({"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss,
+                           "seconds": round(res.seconds, 1), "processes": res.world_size})
+    return judge_pairwise_step(run, cfg, out, seed, log) if pairwise else out
+
+
+def judge_pairwise_step(run: Run, cfg, start: Path, seed: SeedData, log) -> Path:
+    """The judge of M1 trained to rank: a Bradley-Terry loss on its direct score of each EFT
+    unit's preferred vs other reply (:mod:`selfalign.training.judge_pairwise`), from ``start``."""
+    if not seed.eft_units:
+        raise RuntimeError("seed_data.eft_objective pairwise: the seed data has no preference units")
+    settings = cfg.sft.judge_pairwise.model_copy(update={"template": cfg.judge.template})
+    stage = run.stage("judge_pairwise", depends_on=SEED_KEYS + ["judge.template"], outputs=["judge_pairwise/model"])
+    out = run.root / "judge_pairwise" / "model"
     if not stage.done:
         with stage as st:
-            log(f"SFT of {base.name} on {len(ift)} IFT + {len(examples) - len(ift)} EFT examples")
-            res = train("sft", base, examples, out, cfg.sft.settings, launch=cfg.training, engine=cfg.engine, log=log)
-            st.finish({"examples": len(examples), "steps": res.steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1),
+            longer = sum(len(u["chosen"].strip()) > len(u["rejected"].strip()) for u in seed.eft_units)
+            log(f"pairwise judge training of {start.name} on {len(seed.eft_units)} preference units ({longer} with the "
+                f"longer reply preferred; lr {settings.learning_rate}, scale {settings.scale}, template {settings.template})")
+            res = train("judge_pairwise", start, seed.eft_units, out, settings, launch=cfg.training, engine=cfg.engine, log=log)
+            acc = res.metric("pair_accuracy")
+            st.finish({"units": len(seed.eft_units), "steps": res.steps, "final_loss": res.final_loss,
+                       "last_pair_accuracy": acc[-1] if acc else None, "seconds": round(res.seconds, 1),
                        "processes": res.world_size})
     return out
 
