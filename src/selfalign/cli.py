@@ -176,7 +176,11 @@ def run(
         from selfalign.training.common import check_report_to
 
         check_report_to(cfg.training.report_to)  # a missing tensorboard/wandb fails now, not after generation
-        result = runner(cfg, restart_from=restart_from, show_progress=progress)
+        from selfalign.runlock import run_lock
+
+        # one owner per run directory: a second writer stops here, before any model is touched
+        with run_lock(Path(cfg.runs_dir) / cfg.name):
+            result = runner(cfg, restart_from=restart_from, show_progress=progress)
     except SelfAlignError as e:
         _fail(e)
         return
