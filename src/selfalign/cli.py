@@ -153,7 +153,10 @@ def run(
     restart_from: Annotated[Optional[str], typer.Option(help="Redo this stage (e.g. iter_2/judge) and every later one.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars and logs.")] = True,
 ) -> None:
-    """Run (or resume) a recipe from its config; prints the per-iteration table at the end."""
+    """Run (or resume) a recipe from its config; prints the per-iteration table at the end.
+
+    One process owns a run directory at a time: a second run on it stops at once (exit code 2), naming the owner.
+    """
     import time
 
     from selfalign.config import load_config, recipe_name
