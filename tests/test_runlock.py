@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfalign import runlock
-from selfalign.errors import RunError
+from selfalign.errors import ModelError, RunError
 from selfalign.run import Run
 from selfalign.runlock import LockUnsupportedError, RunBusyError, acquire, run_lock
 
@@ -182,14 +182,19 @@ def test_training_children_work_under_the_parents_ownership(tmp_path):
     assert runlock.owner_env() == {}
 
 
-def test_a_child_whose_owner_is_gone_stops(tmp_path):
+def test_a_child_whose_owner_is_gone_stops(tmp_path, holder):
+    """A child told it works under pid 1's ownership: refused when nobody holds the lock, and when
+    someone else (a later run) does."""
     root = tmp_path / "r"
     root.mkdir()
     env = _env(**{runlock.ENV_OWNER: json.dumps({"pid": 1, "dirs": [os.path.realpath(root)]})})
     code = "import sys; from selfalign.runlock import acquire; acquire(sys.argv[1])"
-    res = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode != 0
-    assert "started by pid 1 to work under its ownership" in res.stderr and "no longer holds the run's lock" in res.stderr
+    for case in ("unowned", "owned by another"):
+        if case == "owned by another":
+            holder(root)
+        res = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode != 0, case
+        assert "started by pid 1 to work under its ownership" in res.stderr and "no longer holds the run's lock" in res.stderr
 
 
 @pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
@@ -248,3 +253,25 @@ def test_cli_run_is_refused_before_anything_else(tmp_path, holder):
     proc.wait(timeout=30)
     res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # the owner is gone: the next check speaks
     assert res.exit_code == 2 and "model.spec" in res.output and "no-such-model" in res.output, res.output
+
+
+@pytest.mark.parametrize("recipe", ["self_rewarding", "meta_rewarding", "humpback"])
+def test_each_recipe_function_takes_the_lock_before_checking_its_inputs(tmp_path, holder, recipe):
+    """The Python API (what the CLI calls) owns the run too: a busy directory is refused before the
+    model spec (which does not exist here) is even looked at."""
+    import importlib
+
+    from selfalign.recipes.config import MetaRewardingConfig, SelfRewardingConfig
+    from selfalign.recipes.humpback_config import HumpbackConfig
+
+    config = {"self_rewarding": SelfRewardingConfig, "meta_rewarding": MetaRewardingConfig, "humpback": HumpbackConfig}[recipe]
+    cfg = config.model_validate({"runs_dir": str(tmp_path / "runs"), "name": "r", "model": {"spec": str(tmp_path / "nope")}})
+    runner = getattr(importlib.import_module(f"selfalign.recipes.{recipe}"), f"run_{recipe}")
+    proc = holder(tmp_path / "runs" / "r")
+    with pytest.raises(RunBusyError, match=f"pid {proc.pid}"):
+        runner(cfg, show_progress=False)
+    proc.kill()
+    proc.wait(timeout=30)
+    with pytest.raises(ModelError, match="model.spec"):  # the owner is gone: the inputs are checked next
+        runner(cfg, show_progress=False)
+    assert not runlock.held_here(tmp_path / "runs" / "r")  # released on the error

@@ -77,6 +77,7 @@ class _Held:
 
 
 _HELD: dict[str, _Held] = {}
+_WARNED: set[str] = set()
 
 
 def _key(root: Path) -> str:
@@ -115,8 +116,10 @@ def acquire(root: str | os.PathLike) -> Callable[[], None]:
     if _inherited(key):
         return _noop
     if os.environ.get(ENV_UNLOCKED, "").strip() not in ("", "0"):
-        print(f"warning: {ENV_UNLOCKED} is set: run directory {root} is used without its ownership lock; "
-              "make sure no other process writes it", file=sys.stderr, flush=True)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            print(f"warning: {ENV_UNLOCKED} is set: run directory {root} is used without its ownership lock; "
+                  "make sure no other process writes it", file=sys.stderr, flush=True)
         return _noop
     if fcntl is None:  # pragma: no cover - Windows
         raise LockUnsupportedError(_unsupported(root, "this platform has no flock()"))
@@ -173,7 +176,8 @@ def _inherited(key: str) -> bool:
         return False
     if key not in dirs or pid == os.getpid():
         return False
-    if _someone_holds(Path(key)):
+    owner = read_owner(key)
+    if _someone_holds(Path(key)) and owner is not None and owner.get("pid") == pid:
         return True
     raise RunError(
         f"run directory {key}: this process was started by pid {pid} to work under its ownership of the run, "
