@@ -153,7 +153,10 @@ def run(
     restart_from: Annotated[Optional[str], typer.Option(help="Redo this stage (e.g. iter_2/judge) and every later one.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars and logs.")] = True,
 ) -> None:
-    """Run (or resume) a recipe from its config; prints the per-iteration table at the end."""
+    """Run (or resume) a recipe from its config; prints the per-iteration table at the end.
+
+    One process owns a run directory at a time: a second run on it stops at once (exit code 2), naming the owner.
+    """
     import time
 
     from selfalign.config import load_config, recipe_name
@@ -176,7 +179,11 @@ def run(
         from selfalign.training.common import check_report_to
 
         check_report_to(cfg.training.report_to)  # a missing tensorboard/wandb fails now, not after generation
-        result = runner(cfg, restart_from=restart_from, show_progress=progress)
+        from selfalign.runlock import run_lock
+
+        # one owner per run directory: a second writer stops here, before any model is touched
+        with run_lock(Path(cfg.runs_dir) / cfg.name):
+            result = runner(cfg, restart_from=restart_from, show_progress=progress)
     except SelfAlignError as e:
         _fail(e)
         return

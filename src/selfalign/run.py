@@ -8,6 +8,7 @@ Layout of ``runs/<name>/``::
     iter_1/respond.jsonl output of stage "iter_1/respond"
     iter_1/train/        a directory output (``stage.dir``), e.g. a model
     .superseded/<UTC>/   outputs moved aside by ``--restart-from`` (never deleted)
+    .lock                the owner's lock while a writer runs (see :mod:`selfalign.runlock`)
 
 File naming rule: a stage named ``a/b`` writes ``root/a/b.<ext>`` (``stage.path("jsonl")``)
 and, for directory outputs, ``root/a/b/`` (``stage.dir``).  A stage's declared ``outputs``
@@ -51,6 +52,7 @@ from selfalign.data.records import (
     utc_now,
 )
 from selfalign.errors import RunError
+from selfalign.runlock import LOCK_FILE
 
 MANIFEST_FORMAT = 1
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
@@ -154,13 +156,13 @@ class Run:
 
     @staticmethod
     def _is_fresh(root: Path) -> bool:
-        """No directory, an empty one, or one interrupted during creation (config.yaml and the
-        temporary files of its first config or manifest write at most)."""
+        """No directory, an empty one, or one interrupted during creation (config.yaml, the
+        temporary files of its first config or manifest write and the ownership lock at most)."""
         if not root.exists():
             return True
         if not root.is_dir():
             raise RunError(f"run directory {root} exists and is not a directory")
-        return all(p.name == "config.yaml" or _LEFTOVER.match(p.name) for p in root.iterdir())
+        return all(p.name in ("config.yaml", LOCK_FILE) or _LEFTOVER.match(p.name) for p in root.iterdir())
 
     @staticmethod
     def _remove_leftovers(root: Path) -> None:

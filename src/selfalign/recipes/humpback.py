@@ -28,6 +28,7 @@ from selfalign.recipes.humpback_config import HumpbackConfig
 from selfalign.recipes.steps import GenerationModel, Log, RecipeResult, final_report, train_summary
 from selfalign.recipes.preflight import check_inputs
 from selfalign.run import Run
+from selfalign.runlock import run_lock
 from selfalign.stages.backtranslate import AugmentSettings, reversed_examples, run_augment
 from selfalign.stages.curate import as_responses, curated_examples, curation_metrics, ratings, tag
 from selfalign.stages.judge import LLMJudge, run_judge
@@ -41,6 +42,11 @@ FORWARD_KEYS = BASE_KEYS + ["seed_data", "tagging", "sft"]
 
 
 def run_humpback(cfg: HumpbackConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
+    with run_lock(Path(cfg.runs_dir) / cfg.name):  # one owner per run directory, before anything is read
+        return _run_humpback(cfg, restart_from=restart_from, show_progress=show_progress)
+
+
+def _run_humpback(cfg: HumpbackConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
     log = Log(quiet=not show_progress)
     check_inputs(cfg)  # bad input fails here, before the run directory is touched
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)

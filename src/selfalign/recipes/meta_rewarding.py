@@ -42,6 +42,7 @@ from selfalign.recipes.steps import (
 )
 from selfalign.recipes.preflight import check_inputs
 from selfalign.run import Run
+from selfalign.runlock import run_lock
 from selfalign.stages.judge import aggregate
 from selfalign.stages.length_control import make_actor_pairs
 from selfalign.stages.meta_judge import MetaJudgeSettings, run_meta_judge
@@ -51,6 +52,11 @@ ITER_KEYS = ["self_instruct", "respond", "judge", "length_control", "meta_judge"
 
 
 def run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
+    with run_lock(Path(cfg.runs_dir) / cfg.name):  # one owner per run directory, before anything is read
+        return _run_meta_rewarding(cfg, restart_from=restart_from, show_progress=show_progress)
+
+
+def _run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
     log = Log(quiet=not show_progress)
     check_inputs(cfg)  # bad input fails here, before the run directory is touched
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)

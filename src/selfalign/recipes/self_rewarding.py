@@ -39,6 +39,7 @@ from selfalign.recipes.steps import (
 )
 from selfalign.recipes.preflight import check_inputs
 from selfalign.run import Run
+from selfalign.runlock import run_lock
 from selfalign.stages.judge import aggregate
 from selfalign.stages.pairs import Scored, make_pairs
 
@@ -46,6 +47,11 @@ ITER_KEYS = ["self_instruct", "respond", "judge", "pairs", "dpo"]
 
 
 def run_self_rewarding(cfg: SelfRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
+    with run_lock(Path(cfg.runs_dir) / cfg.name):  # one owner per run directory, before anything is read
+        return _run_self_rewarding(cfg, restart_from=restart_from, show_progress=show_progress)
+
+
+def _run_self_rewarding(cfg: SelfRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
     log = Log(quiet=not show_progress)
     check_inputs(cfg)  # bad input fails here, before the run directory is touched
     run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)

@@ -12,7 +12,8 @@
 3. starts ``python -m selfalign.training.worker job.json`` (isolated, one process) or
    ``accelerate launch --num_processes N [--config_file C] [--main_process_port P] [ARGS]
    -m selfalign.training.worker job.json`` -- accelerate (torchrun, DeepSpeed, FSDP) does all
-   the distribution; on a CPU the processes talk over gloo;
+   the distribution; on a CPU the processes talk over gloo; the workers run under this process's
+   ownership of the run directory (:func:`selfalign.runlock.owner_env`) and never lock it;
 4. streams the children's output, line by line, to ``log`` and to ``<out_dir>.job/train.log``;
    a non-zero exit raises :class:`~selfalign.errors.TrainingError` with the last lines and the
    log's path; an interrupted parent stops the whole child process group (and a parent that
@@ -223,7 +224,10 @@ def launch_command(job_file: Path, launch: LaunchSettings) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
+    from selfalign.runlock import owner_env
+
     env = dict(os.environ)
+    env.update(owner_env())  # the workers write under this process's ownership of the run (selfalign.runlock)
     env["PYTHONUNBUFFERED"] = "1"  # lines arrive as they are printed
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
