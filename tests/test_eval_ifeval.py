@@ -259,3 +259,11 @@ def test_iteration_hook_records_ifeval_of_the_start_and_the_trained_model(tmp_pa
     console.print(iteration_table(metrics))
     text = console.export_text()
     assert "IFEval prompt-level strict [95% CI]" in text and "IFEval of the starting model" in text
+    from selfalign.eval.report import write_report
+
+    for t, m in zip((1, 2), metrics):
+        (run.root / f"iter_{t}").mkdir(exist_ok=True)
+        (run.root / f"iter_{t}" / "metrics.json").write_text(json.dumps(m))
+    page = write_report(run.root)
+    assert (page.parent / "ifeval.png").read_bytes().startswith(b"\x89PNG")
+    assert 'id="ifeval"' in page.read_text()
