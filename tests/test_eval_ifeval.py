@@ -156,6 +156,12 @@ def test_bad_input_file_names_file_line_and_field(tmp_path):
         ifeval.load_items(write_jsonl(tmp_path / "in.jsonl", rows))
     with pytest.raises(DataError, match=r"in\.jsonl:2: field 'key': repeats line 1"):
         ifeval.load_items(write_jsonl(tmp_path / "in.jsonl", [ITEMS[0], dict(ITEMS[1], key=1)]))
+    # arguments only the checker can judge: named at scoring time, still with file, line and field
+    inp = write_jsonl(tmp_path / "in.jsonl", [dict(ITEMS[1], kwargs=[{}, {"relation": "lesser", "num_words": 3}])])
+    resp = write_jsonl(tmp_path / "r.jsonl", [{"prompt": ITEMS[1]["prompt"], "response": "a cat"}])
+    with pytest.raises(DataError, match=r"in\.jsonl:1: field 'kwargs': .*reject these arguments \(ValueError"):
+        ifeval.evaluate_ifeval(ifeval.load_items(inp), tmp_path / "out", responses_path=resp, show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_subsets_first_n_or_a_seeded_sample(tmp_path):

@@ -143,6 +143,8 @@ def load_items(path: str | Path = DEFAULT_INPUT, *, limit: int | None = None, sa
             raise DataError(f"{where}: field 'instruction_id_list': empty")
         if len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
             raise DataError(f"{where}: field 'kwargs': expected one object per instruction ({len(ids)}), got {kwargs!r:.80}")
+        if not all(isinstance(i, str) for i in ids):
+            raise DataError(f"{where}: field 'instruction_id_list': expected a list of strings")
         bad = [i for i in ids if i not in known]
         if bad:
             raise DataError(f"{where}: field 'instruction_id_list': unknown instruction id(s) {', '.join(map(str, bad))}")
@@ -215,7 +217,11 @@ def score(items: Sequence[IFEvalItem], responses: dict[str, tuple[str, str]], *,
         if got is None:
             missing.append(it.key)
         else:
-            strict, loose = check_response(it.key, it.prompt, list(it.instruction_id_list), list(it.kwargs), got[0])
+            try:
+                strict, loose = check_response(it.key, it.prompt, list(it.instruction_id_list), list(it.kwargs), got[0])
+            except (TypeError, ValueError, KeyError) as e:  # arguments the checker cannot use
+                raise DataError(f"{it.source}: field 'kwargs': the checkers of {', '.join(it.instruction_id_list)} "
+                                f"reject these arguments ({type(e).__name__}: {e})") from None
             results.append(IFEvalResult(it.key, it.prompt, got[0], list(it.instruction_id_list), strict, loose))
         if progress is not None:
             progress(1)
@@ -306,11 +312,12 @@ def write_results(out_dir: str | Path, results: Sequence[IFEvalResult], summary:
 
 
 def headline(summary: dict) -> dict:
-    """The flat keys an iteration's metrics.json carries: ``ifeval_<metric>`` and its interval."""
+    """The flat keys an iteration's metrics.json carries: ``ifeval_<metric>`` and its interval
+    (rounded to 4 decimals), and ``ifeval_prompts``, the prompts scored."""
     out: dict = {}
     for name, m in summary.get("metrics", {}).items():
-        out[f"ifeval_{name}"] = m["value"]
-        out[f"ifeval_{name}_ci95"] = m["ci95"]
+        out[f"ifeval_{name}"] = round(m["value"], 4)
+        out[f"ifeval_{name}_ci95"] = [round(c, 4) for c in m["ci95"]]
     out["ifeval_prompts"] = summary.get("scored")
     return out
 
