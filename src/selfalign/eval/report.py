@@ -44,7 +44,7 @@ REPORT_DIR = "report"
 TEMPLATE = "report.html.jinja"
 # figures this module may write; stale ones (from an earlier report) are removed
 FIGURES = ("scores", "pairs", "curation", "parse_failures", "lengths", "training", "judge_agreement", "winrate", "corpus",
-           "trends")
+           "trends", "ifeval")
 MAX_TEXT = 2000  # characters of a prompt / response / judgment shown in the examples
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 _SKIP_DIRS = {REPORT_DIR, ".superseded"}
@@ -681,6 +681,15 @@ def _figures(data: RunData) -> tuple[list[dict], list[str]]:
             "Pairwise comparisons of model A against model B: wins, ties and losses, and the win rate (ties "
             "count half) with its bootstrap 95% interval. Left of the dotted line B is better.",
             plots.winrates, data.winrate_evals)
+    if any("ifeval_prompt_level_strict" in mm for mm in m):
+        from selfalign.eval.ifeval_plot import ifeval_across_iterations
+
+        add("ifeval", "ifeval", "IFEval",
+            "IFEval (judge-free instruction following) of the model the run starts from and of the model each "
+            "iteration trained: share of prompts whose answer follows all their instructions (prompt level) and "
+            "of all instructions followed (instruction level), strict (solid) and loose (dotted), on the subset "
+            "eval.ifeval names, with 95% bootstrap intervals over prompts.",
+            ifeval_across_iterations, labels, m)
     if data.corpus:
         kept = data.corpus.get("kept")
         dropped = data.corpus.get("dropped")
@@ -777,7 +786,7 @@ def _context(data: RunData, figs: list[dict], notes: list[str]) -> dict:
     if metric_rows or its:
         sections.append(("metrics", "Metrics"))
     for sid, title in (("scores", "Scores"), ("pairs", "Pairs"), ("parse-failures", "Parse failures"),
-                       ("lengths", "Lengths"), ("training", "Training")):
+                       ("lengths", "Lengths"), ("training", "Training"), ("ifeval", "IFEval")):
         if sid in by_section:
             sections.append((sid, title))
     if judge_tables:

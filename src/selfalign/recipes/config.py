@@ -175,9 +175,27 @@ class WinrateHook(StrictModel):
     judge_temperature: float = Field(0.0, ge=0.0)
 
 
+class IFEvalHook(StrictModel):
+    """After each iteration: IFEval (judge-free instruction following) of the model the iteration
+    trained, and once of the model iteration 1 starts from; greedy answers on a fixed subset."""
+
+    enabled: bool = False
+    input: str = Field("../shared/data/ifeval/input_data.jsonl", description="IFEval prompts (the 541-prompt set)")
+    limit: int | None = Field(
+        32, ge=1,
+        description="prompts per evaluation: a fixed subset, the same for every model (a seeded random 32 of the 541 by "
+        "default, sized for CPU); null = all 541",
+    )
+    sample: bool = Field(True, description="the subset is a seeded random sample (true) or the first N prompts (false)")
+    seed: int = Field(0, description="seed of the subset sample and of the bootstrap intervals")
+    max_new_tokens: int = Field(256, ge=1, description="most tokens per greedy answer")
+    system_prompt: str | None = None
+
+
 class EvalHooks(StrictModel):
     judge: JudgeEvalHook = Field(default_factory=JudgeEvalHook)
     winrate: WinrateHook = Field(default_factory=WinrateHook)
+    ifeval: IFEvalHook = Field(default_factory=IFEvalHook)
 
 
 class SelfRewardingConfig(StrictModel):

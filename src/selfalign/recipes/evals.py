@@ -9,6 +9,10 @@
   judged in both orders by a fixed judge (by default the base model, which no iteration changes),
   as ``selfalign eval winrate`` reports it.
 
+- ``eval.ifeval``: IFEval of M_{t+1} (greedy answers to a fixed subset of the 541 prompts,
+  checked by lm-eval's copy of the reference checkers; no judge), and once, in iteration 1, of
+  M_1, the model the first iteration starts from (stage ``start/eval_ifeval``).
+
 Each is a stage of the run (``iter_<t>/eval_judge``, ``iter_<t>/eval_winrate``), so a finished
 evaluation is never redone; results land in ``iter_<t>/eval_judge.json`` and
 ``iter_<t>/eval_winrate.json`` (read by ``selfalign report``), with the judgments and outputs
@@ -38,6 +42,11 @@ def run_iteration_evals(run: Run, cfg, t: int, keys: list[str], new_model: Path,
         out.update(_judge_eval(run, cfg, t, keys + EVAL_KEYS, new_model, model, eft_heldout, log, show_progress))
     if e.winrate.enabled:
         out.update(_winrate_eval(run, cfg, t, keys + EVAL_KEYS, new_model, model, log, show_progress))
+    if e.ifeval.enabled:
+        if t == 1:  # the starting model, once
+            start = _ifeval_eval(run, cfg, "start", keys + EVAL_KEYS, model, _parent_of(run, model), log, show_progress)
+            out.update({k.replace("ifeval_", "ifeval_start_", 1): v for k, v in start.items()})
+        out.update(_ifeval_eval(run, cfg, f"iter_{t}", keys + EVAL_KEYS, new_model, model, log, show_progress))
     return out
 
 
@@ -154,6 +163,42 @@ def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> di
     s = json.loads((run.root / it / "eval_winrate.json").read_text())
     return {"win_rate_vs_previous": s.get("win_rate"), "win_rate_ci95": s.get("ci95"),
             "win_tie_loss_vs_previous": f"{s.get('wins')}/{s.get('ties')}/{s.get('losses')}"}
+
+
+def _ifeval_eval(run, cfg, it: str, keys, model, parent, log, show_progress) -> dict:
+    """``eval.ifeval`` of ``model``: stage ``<it>/eval_ifeval``, summary in ``<it>/eval_ifeval.json``,
+    answers and per-prompt results under ``<it>/eval_ifeval/``."""
+    from selfalign.eval.ifeval import evaluate_ifeval, headline, load_items, subset_label
+    from selfalign.recipes.steps import GenerationModel
+
+    h = cfg.eval.ifeval
+    stage = run.stage(f"{it}/eval_ifeval", depends_on=keys, outputs=[f"{it}/eval_ifeval.json"])
+    if not stage.done:
+        items = load_items(h.input, limit=h.limit, sample=h.sample, seed=h.seed)
+        subset = subset_label(h.limit, h.sample, h.seed, h.input)
+        engine = GenerationModel(cfg, model, parent, f"{it} eval ifeval", log)
+        try:
+            with stage as st:
+                summary = evaluate_ifeval(
+                    items, run.root / it / "eval_ifeval", engine=engine(), max_new_tokens=h.max_new_tokens,
+                    system_prompt=h.system_prompt, seed=h.seed, show_progress=show_progress, input_path=h.input,
+                    subset=subset, model=_label(run, model),
+                )
+                atomic_write_json(st.run.root / it / "eval_ifeval.json", summary)
+                st.finish({"prompts": summary.get("scored"),
+                           **{k: summary["metrics"][k]["value"] for k in ("prompt_level_strict", "instruction_level_strict")}})
+        finally:
+            engine.close()
+    summary = json.loads((run.root / it / "eval_ifeval.json").read_text())
+    m = summary.get("metrics", {})
+
+    def fig(name: str) -> str:
+        return f"{_pct(m[name]['value'])} [{_pct(m[name]['ci95'][0])}, {_pct(m[name]['ci95'][1])}]" if name in m else "n/a"
+
+    log(f"[{it}] IFEval of {summary.get('model')} ({summary.get('subset')}): prompt-level strict {fig('prompt_level_strict')}, "
+        f"instruction-level strict {fig('instruction_level_strict')}, loose {fig('prompt_level_loose')} / "
+        f"{fig('instruction_level_loose')}")
+    return headline(summary)
 
 
 def _label(run: Run, model: Path) -> str:
