@@ -264,7 +264,10 @@ def test_iteration_hook_records_ifeval_of_the_start_and_the_trained_model(tmp_pa
     console = Console(record=True, width=200)
     console.print(iteration_table(metrics))
     text = console.export_text()
-    assert "IFEval prompt-level strict [95% CI]" in text and "IFEval of the starting model" in text
+    assert "IFEval prompt-level strict [95% CI]" in text and "start (M1)" in text  # the starting model's own column
+    assert "IFEval of the starting model" not in text
+    start_cell = text.splitlines()[[i for i, ln in enumerate(text.splitlines()) if "IFEval prompt-level strict" in ln][0]]
+    assert start_cell.count(f"{out['ifeval_start_prompt_level_strict']:.3g}") >= 1
     from selfalign.eval.report import write_report
 
     for t, m in zip((1, 2), metrics):

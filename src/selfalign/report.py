@@ -106,6 +106,10 @@ def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterati
     an iteration's evaluation rows are of the model that iteration trained."""
     table = Table(title=title)
     table.add_column("metric", style="bold")
+    start = dict(start or {})
+    if iterations and recipe != "humpback":  # eval.ifeval records the starting model in iteration 1's metrics
+        start.update({"ifeval_" + k.removeprefix("ifeval_start_"): v for k, v in iterations[0].items()
+                      if k.startswith("ifeval_start_")})
     if start:
         iterations = [start, *iterations]
         table.add_column("start (M1)", overflow="fold")
@@ -117,7 +121,8 @@ def iteration_table(iterations: list[dict], title: str = "Self-Rewarding iterati
         rows = ITERATION_ROWS + (META_ROWS if any("judge_pairs" in m for m in iterations) else [])
         rows += [r for r, key in zip(EVAL_ROWS, ("heldout_judge_accuracy",) * 5 + ("win_rate_vs_previous", "win_tie_loss_vs_previous"))
                  if any(key in m for m in iterations)]
-        rows += [(name, fn) for name, fn, key in IFEVAL_ROWS if any(key in m for m in iterations)]
+        rows += [(name, fn) for name, fn, key in IFEVAL_ROWS if any(key in m for m in iterations)
+                 and not (start and key.startswith("ifeval_start_"))]  # with a start column, it is shown there
     for name, key in rows:
         table.add_row(name, *[key(m) if callable(key) else _fmt(m.get(key)) for m in iterations])
     return table
