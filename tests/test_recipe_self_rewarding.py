@@ -36,6 +36,11 @@ TINY = [
     # judge evaluation is switched on later in the test, with tiny settings
     "seed_data.eft_heldout_fraction=0.1",
     "eval.judge.enabled=false",
+    # the demo's pairwise judge training (eft_objective pairwise) on 4 units, one step; IFEval later
+    "seed_data.max_eft=8",
+    "sft.judge_pairwise.max_steps=1",
+    "sft.judge_pairwise.per_device_batch_size=2",
+    "eval.ifeval.enabled=false",
 ]
 
 
@@ -73,7 +78,7 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _kill_when(proc, run_dir / "iter_1" / "judge.jsonl", 2)
     killed = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    assert killed["sft"]["status"] == "done" and killed["iter_1/judge"]["status"] == "running"
+    assert killed["sft"]["status"] == killed["judge_pairwise"]["status"] == "done" and killed["iter_1/judge"]["status"] == "running"
     before = (run_dir / "iter_1" / "judge.jsonl").read_bytes()
     before = before[: before.rfind(b"\n") + 1]
 
@@ -120,13 +125,14 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
         "eval.judge.enabled=true", "eval.judge.k=1", "eval.judge.max_new_tokens=16",
         "eval.winrate.enabled=true", f"eval.winrate.prompts={prompts}", "eval.winrate.limit=2",
         "eval.winrate.max_new_tokens=12", "eval.winrate.verdict=forced", "eval.winrate.judge_max_new_tokens=8",
+        "eval.ifeval.enabled=true", "eval.ifeval.limit=2", "eval.ifeval.max_new_tokens=8",
     ]
     evaluated = run_self_rewarding(_cfg(tmp_path, *evals), show_progress=False)
     assert (run_dir / "iter_2" / "pairs.jsonl").read_bytes() == before
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert stages["sft/eval_judge"]["status"] == "done"  # M1, the judge of iteration 1, is evaluated too
     sft_eval = json.loads((run_dir / "sft" / "eval_judge.json").read_text())
-    assert sft_eval["judge"]["model"] == "sft/model" and sft_eval["items"] == json.loads((run_dir / "iter_1" / "eval_judge.json").read_text())["items"]
+    assert sft_eval["judge"]["model"] == "judge_pairwise/model" and sft_eval["items"] == json.loads((run_dir / "iter_1" / "eval_judge.json").read_text())["items"]
     for t, m in zip((1, 2), evaluated.iterations):
         it = run_dir / f"iter_{t}"
         assert stages[f"iter_{t}/eval_judge"]["status"] == stages[f"iter_{t}/eval_winrate"]["status"] == "done"
@@ -135,9 +141,13 @@ def test_two_iterations_on_the_embedded_model(tmp_path, embedded_model_dir):
         assert m["heldout_judge_accuracy"] == judge_eval["metrics"]["pairwise_accuracy"]
         assert m["heldout_longer_wins_accuracy"] == judge_eval["baselines"]["longer_wins"]["pairwise_accuracy"]
         assert m["heldout_random_accuracy"] == judge_eval["baselines"]["random"]["pairwise_accuracy"]
+        assert m["heldout_length_balanced_accuracy"] == judge_eval["metrics"]["length_balanced_accuracy"]
+        assert len(m["heldout_judge_accuracy_ci95"]) == 2
+        assert stages[f"iter_{t}/eval_ifeval"]["status"] == "done" and 0 <= m["ifeval_prompt_level_strict"] <= 1
+        assert ("ifeval_start_prompt_level_strict" in m) == (t == 1)  # the starting model once
         wr = json.loads((it / "eval_winrate.json").read_text())
         assert wr["kind"] == "winrate" and wr["n"] == 2 and wr["wins"] + wr["ties"] + wr["losses"] == 2
-        assert wr["a"] == f"iter_{t}/model" and wr["b"] == ("sft/model" if t == 1 else "iter_1/model")
+        assert wr["a"] == f"iter_{t}/model" and wr["b"] == ("judge_pairwise/model" if t == 1 else "iter_1/model")
         assert m["win_rate_vs_previous"] == wr["win_rate"]
     # each model's outputs are generated once: iter_1/model is side A in iteration 1 and side B in iteration 2
-    assert sorted(p.name for p in (run_dir / "eval_outputs").glob("*.jsonl")) == ["iter_1_model.jsonl", "iter_2_model.jsonl", "sft_model.jsonl"]
+    assert sorted(p.name for p in (run_dir / "eval_outputs").glob("*.jsonl")) == ["iter_1_model.jsonl", "iter_2_model.jsonl", "judge_pairwise_model.jsonl"]
