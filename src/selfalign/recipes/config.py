@@ -7,9 +7,9 @@ validated (unknown keys are errors naming the key and the file) and can be overr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from selfalign.config import EngineConfig, ModelConfig, StrictModel
 from selfalign.training.config import DPOSettings, LaunchSettings, SFTSettings
@@ -64,7 +64,49 @@ class SFTStageConfig(StrictModel):
     settings: SFTSettings = Field(default_factory=SFTSettings)
 
 
+# ----------------------------------------------------------------------------- the roles' models
+ROLE_SHORTHANDS = ("current", "base")
+
+
+class RoleModelConfig(StrictModel):
+    """A fixed model for one role, with its own engine (e.g. an OpenAI-compatible endpoint):
+    ``{spec: llama-3-70b-instruct, engine: {kind: openai, base_url: http://host:8000/v1}}``."""
+
+    spec: str = Field(min_length=1, description="model spec: hub id, local dir, .gguf file, smollm2-135m-instruct, or the served name")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    engine: EngineConfig | None = Field(None, description="default: the run's engine section")
+
+
+ROLE_MODEL_HELP = (
+    "who plays this role: 'current' = M_t, the model being trained (changes every iteration); 'base' = the run's "
+    "model.spec as loaded, never trained; any other string = a model spec (hub id, local dir, .gguf, "
+    "smollm2-135m-instruct) loaded with the run's engine; or {spec, dtype, engine} for a fixed model on its own "
+    "engine (e.g. engine: {kind: openai, base_url: ...}). A fixed model is loaded once per run and never trained."
+)
+
+
+def _check_role(v):
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("empty model; use 'current', 'base', a model spec, or {spec, engine}")
+    return v
+
+
+RoleModel = Annotated[Union[str, RoleModelConfig], AfterValidator(_check_role)]
+
+
 class SelfInstructConfig(StrictModel):
+    model: RoleModel = Field(
+        "base",
+        description="the prompt writer. " + ROLE_MODEL_HELP + " Default 'base': a fixed writer, as in Self-Rewarding "
+        "(the paper used Llama-2-Chat-70B, never M_t)",
+    )
+    prompts: str | None = Field(
+        None,
+        description="a fixed prompt pool (JSONL/JSON: strings or {prompt|instruction|messages}) instead of generated "
+        "prompts, as in Meta-Rewarding: num_prompts drawn per iteration without replacement (seeded); model unused",
+    )
+    keyword_filter: bool = Field(True, description="Self-Instruct's filter: drop prompts that mention images, files, plots, audio...")
+    keywords: list[str] | None = Field(None, description="the filtered words; default: Self-Instruct's list (stages/self_instruct.py)")
     num_prompts: int = Field(64, ge=1)
     seed_shots: int = Field(6, ge=0)
     generated_shots: int = Field(2, ge=0)
@@ -87,6 +129,7 @@ class SelfInstructConfig(StrictModel):
 
 
 class RespondConfig(StrictModel):
+    model: RoleModel = Field("current", description="the actor. " + ROLE_MODEL_HELP + " Default: M_t (both papers)")
     n: int = Field(4, ge=2, description="candidate responses per prompt")
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
@@ -96,6 +139,11 @@ class RespondConfig(StrictModel):
 
 class JudgeConfig(StrictModel):
     kind: Literal["llm", "function", "classifier"] = "llm"
+    model: RoleModel = Field(
+        "current",
+        description="the LLM judge. " + ROLE_MODEL_HELP + " Default: M_t, the model judges itself (both papers); a fixed "
+        "model here is the 'external judge' ablation (RLAIF-style)",
+    )
     k: int = Field(3, ge=1, description="judgments per candidate (LLM judge)")
     scoring: Literal["sampled", "expected", "direct"] = Field(
         "sampled",
@@ -190,7 +238,13 @@ class LengthControlConfig(StrictModel):
 
 
 class MetaJudgeConfig(StrictModel):
+    model: RoleModel = Field("current", description="the meta-judge. " + ROLE_MODEL_HELP + " Default: M_t (the paper)")
     template: str = Field("meta_judge", description="built-in name or a template file path")
+    per_prompt: int | None = Field(
+        1, ge=1,
+        description="responses meta-judged per prompt, highest judgment-score variance first (the paper: 1, the response "
+        "whose judgments disagree most); null = every response whose judgments differ",
+    )
     top_k: int | None = Field(None, ge=1, description="responses meta-judged per iteration (highest judgment-score variance first)")
     min_variance: float | None = Field(None, ge=0.0, description="only responses whose judgment scores vary at least this much")
     temperature: float = Field(0.7, ge=0.0)

@@ -37,6 +37,7 @@ def check_inputs(cfg) -> None:
         load_oasst(eft.removeprefix("oasst:"))
     _check_templates(cfg)
     _check_judge(cfg)
+    _check_roles(cfg)
     _check_eval(cfg)
     corpus = getattr(cfg, "corpus", None)
     if corpus is not None and not is_done(Path(cfg.runs_dir) / cfg.name / "corpus.jsonl"):
@@ -86,6 +87,18 @@ def _check_judge(cfg) -> None:
             raise ConfigError(f"judge.function: {judge.function!r} is not callable")
     elif judge.kind == "classifier" and not (Path(judge.classifier_model).expanduser() / "config.json").is_file():
         raise ConfigError(f"judge.classifier_model: {judge.classifier_model} is not a model directory (no config.json)")
+
+
+def _check_roles(cfg) -> None:
+    """Every fixed role model resolves (``self_instruct.model`` ...), and a prompt pool lasts the run."""
+    from selfalign.recipes.roles import check_roles
+
+    check_roles(cfg)
+    si = getattr(cfg, "self_instruct", None)
+    if si is not None and si.prompts:
+        from selfalign.data.prompt_pool import check_pool
+
+        check_pool(si.prompts, si.num_prompts, cfg.iterations)
 
 
 def _check_eval(cfg) -> None:

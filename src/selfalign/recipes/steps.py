@@ -84,17 +84,39 @@ class GenerationModel:
 
 
 def self_instruct_step(stage: Stage, cfg, t: int, engine, seed: SeedData, show_progress: bool) -> list[Prompt]:
-    """(1) New prompts written by M_t; returns the kept ones as prompts to answer."""
+    """(1) New prompts: written by the prompt writer (``engine``, the ``self_instruct.model`` role), or
+    drawn from the fixed pool ``self_instruct.prompts``; returns the kept ones as prompts to answer."""
+    si = cfg.self_instruct
     if not stage.done:
         with stage as st:
-            settings = SelfInstructSettings(**cfg.self_instruct.model_dump(), seed=cfg.seed + t)
-            with st.writer() as w:
-                stats = run_self_instruct(engine(), seed.prompts, w, settings, show_progress=show_progress)
-            st.finish(stats.as_dict())
+            if si.prompts:
+                with st.writer() as w:
+                    counts = write_pool_draw(w, si.prompts, si.num_prompts, t, cfg.seed)
+                st.finish(counts)
+            else:
+                extra = {"keywords": tuple(si.keywords)} if si.keywords is not None else {}
+                settings = SelfInstructSettings(
+                    **si.model_dump(exclude={"model", "prompts", "keywords"}), **extra, seed=cfg.seed + t
+                )
+                with st.writer() as w:
+                    stats = run_self_instruct(engine(), seed.prompts, w, settings, show_progress=show_progress)
+                st.finish(stats.as_dict())
     return [
         Prompt(id=r["id"], messages=_with_system(r["messages"], cfg.respond.system_prompt), source=stage.name)
         for r in kept_prompts(stage.path())
     ]
+
+
+def write_pool_draw(writer: JsonlWriter, pool: str, n: int, t: int, seed: int) -> dict:
+    """Iteration ``t``'s draw from the prompt pool, written as kept prompt records (with each
+    prompt's index in the file, so the draw can be audited); returns the stage counts."""
+    from selfalign.data.prompt_pool import draw_pool
+
+    drawn = draw_pool(pool, n, t, seed)
+    for index, p in drawn:
+        writer.write({"id": p.id, "kind": "prompt", "kept": True, "reject_reason": None, "text": p.text,
+                      "messages": list(p.messages), "pool": pool, "pool_index": index, "source": p.source})
+    return {"candidates": len(drawn), "kept": len(drawn), "rejected": {}, "pool": pool, "pool_draw": [n * (t - 1), n * t]}
 
 
 def respond_step(stage: Stage, cfg, t: int, engine, prompts: list[Prompt], show_progress: bool) -> list[dict]:
