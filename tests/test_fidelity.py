@@ -123,12 +123,16 @@ def fake_world(monkeypatch):
     import selfalign.recipes.steps as steps
     from selfalign.training.outputs import TrainResult
 
-    built: list[str] = []
+    class Built(list):
+        engines: list = []
+
+    built = Built()  # the model spec of every engine made, in order (and the engines, in .engines)
     trained: list[tuple[str, str]] = []
 
     def create_engine(model_cfg, engine_cfg):
         built.append(str(model_cfg.spec))
-        return ScriptedEngine(_reply)
+        built.engines.append(ScriptedEngine(_reply))
+        return built.engines[-1]
 
     def train(kind, model_dir, records, out_dir, settings, **kw):
         trained.append((kind, str(model_dir)))
@@ -257,3 +261,95 @@ def test_cosine_to_a_floor_and_dropout_reach_the_trainer(tmp_path, tiny_model_di
     assert load_model(tiny_model_dir).config.attention_dropout == 0.0
     with pytest.raises(ValueError, match="min_learning_rate needs lr_scheduler: cosine"):
         DPOSettings(min_learning_rate=1e-7)
+
+
+# ----------------------------------------------------------------------------- EFT as the paper builds it
+def test_paper_eft_splits_before_judging_and_keeps_heldout_prompts_out_of_training(tmp_path, tiny_model_dir, fake_world, monkeypatch):
+    from conftest import shared_file
+
+    import selfalign.recipes.seed_eft as seed_eft
+    from selfalign.data.oasst import eft_groups, load_oasst
+    from selfalign.data.seeding import split_groups
+    from selfalign.recipes.steps import Log, seed_model
+    from selfalign.run import Run
+
+    built, trained = fake_world
+    monkeypatch.setattr(seed_eft, "create_engine", __import__("selfalign.recipes.steps", fromlist=["x"]).create_engine)
+    monkeypatch.setattr(seed_eft, "train", __import__("selfalign.recipes.steps", fromlist=["x"]).train)
+    oasst = shared_file("oasst/oasst_en_100_trees.jsonl")
+    cfg = _sr_config(tmp_path, tiny_model_dir, sft={"enabled": True}, seed_data={
+        "ift": f"oasst:{oasst}", "eft": f"oasst:{oasst}", "eft_targets": "agree", "eft_heldout_fraction": 0.3})
+    assert cfg.seed_data.eft_judge == "ift_sft" and cfg.seed_data.eft_downsample_score == 4
+    run = Run.open(tmp_path / "runs" / "eft", cfg.model_dump(mode="json"))
+    seed, m1, parent = seed_model(run, cfg, Log(quiet=True), show_progress=False)
+
+    groups = eft_groups(load_oasst(oasst), lang=("en",))
+    train_groups, held_groups = split_groups(list(groups), 0.3, 0)
+    held = {g["prompt"] for g in held_groups}
+    ift_prompts = {e["messages"][0]["content"] for e in seed.ift}
+    assert held and not held & ift_prompts  # held-out prompts left IFT
+    assert not held & {e["instruction"] for e in seed.eft_train}  # and are not EFT training data
+    # the held-out split is every reply of every held-out prompt: nothing filtered it
+    assert len(seed.eft_heldout) == sum(len(g["replies"]) for g in held_groups)
+    assert {e["instruction"] for e in seed.eft_heldout} == held
+    # the EFT judge is the SFT baseline, trained on the cleaned IFT only; M1 starts from the base model
+    sft_ift = str(run.root / "sft_ift" / "model")
+    assert trained[0] == ("sft", str(tiny_model_dir)) and trained[1] == ("sft", str(tiny_model_dir))
+    assert built == [sft_ift] and m1 == run.root / "sft" / "model" and parent == tiny_model_dir
+    assert run.manifest["stages"]["sft_ift"]["counts"]["examples"] == len(seed.ift)
+    judged = {r.messages[-1].content for r in built.engines[0].requests}
+    assert len(judged) == sum(len(g["replies"]) for g in train_groups)  # only train prompts' replies were judged
+    train_prompts = {g["prompt"] for g in train_groups}
+    assert all(any(p in text for p in train_prompts) for text in judged)
+    stats = json.loads((run.root / "seed_data.json").read_text())
+    assert stats["ift_dropped"]["eft_heldout_prompt"] > 0 and stats["eft"]["judged_by"] == "sft_ift/model"
+    assert stats["eft"]["train_prompts"] == len(train_groups) and stats["eft"]["heldout_prompts"] == len(held_groups)
+
+
+def test_downsampling_cuts_the_over_represented_score_to_the_next_count():
+    from selfalign.data.seeding import downsample_score
+
+    eft = [{"id": str(i), "score": s} for i, s in enumerate([4] * 9 + [5] * 3 + [2] * 2 + [0])]
+    kept, removed = downsample_score(eft, 4, seed=0)
+    assert removed == 6 and [e["score"] for e in kept].count(4) == 3 and len(kept) == 9
+    assert [e["id"] for e in kept] == sorted((e["id"] for e in kept), key=int)  # order kept
+    assert downsample_score(eft, None, 0) == (eft, 0)
+    assert downsample_score(eft[9:], 4, 0)[1] == 0  # nothing to cut
+
+
+def test_file_eft_keeps_ranks_for_eval_judge_and_its_heldout_prompts_leave_ift(tmp_path):
+    from selfalign.data.seeding import load_seed_data
+    from selfalign.eval.judge_agreement import items_from_eft
+    from selfalign.recipes.config import SeedDataConfig
+
+    eft = tmp_path / "eft.jsonl"
+    rows = []
+    for q in range(6):
+        for r in range(3):
+            rows.append({"instruction": f"Question {q}?", "response": f"reply {r}", "judgment": f"ok.\nScore: {5 - r}",
+                         "human_rank": r, "prompt_id": f"q{q}"})
+    eft.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    ift = tmp_path / "ift.jsonl"
+    ift.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {q}?"},
+                                                       {"role": "assistant", "content": "A."}]}) for q in range(6)) + "\n")
+    seed = load_seed_data(SeedDataConfig(ift=str(ift), eft=str(eft), eft_heldout_fraction=0.34))
+    held = {e["instruction"] for e in seed.eft_heldout}
+    assert len(held) == 2 and seed.dropped["eft_heldout_prompt"] == 2
+    assert not held & {e["messages"][0]["content"] for e in seed.ift}
+    assert seed.eft_train[0]["score"] == 5 and seed.eft_train[0]["human_rank"] == 0
+    items = items_from_eft(seed.eft_heldout)
+    assert len(items) == 2 and [r["rank"] for r in items[0]["replies"]] == [0, 1, 2]
+
+
+def test_eval_judge_without_a_ranked_heldout_split_fails_before_the_run(tmp_path, tiny_model_dir):
+    from selfalign.errors import ConfigError
+    from selfalign.recipes.preflight import check_inputs
+
+    eft = tmp_path / "eft.jsonl"
+    eft.write_text("\n".join(json.dumps({"instruction": f"Q{q}?", "response": "r", "judgment": "Score: 3"}) for q in range(8)) + "\n")
+    cfg = _sr_config(tmp_path, tiny_model_dir, seed_data={"eft": str(eft), "eft_heldout_fraction": 0.5}, eval={"judge": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"eval\.judge: the held-out split of seed_data\.eft=.*no prompt with two differently ranked replies"):
+        check_inputs(cfg)
+    cfg = _sr_config(tmp_path, tiny_model_dir, seed_data={"eft_heldout_fraction": 0.0}, eval={"judge": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"eval\.judge is enabled but there is no held-out EFT split"):
+        check_inputs(cfg)

@@ -26,8 +26,8 @@ class SeedDataConfig(StrictModel):
     )
     eft_targets: Literal["agree", "ranks"] = Field(
         "agree",
-        description="oasst EFT: 'agree' = the paper's (the base model's own judgments, kept where they agree with "
-        "the human ranks); 'ranks' = one-line 'Score: N' targets from the human preferences (preferred reply 4, "
+        description="oasst EFT: 'agree' = the paper's (prompts split train/held-out first; the train replies judged "
+        "by eft_judge, kept where the judgments agree with the human ranks, score eft_downsample_score down-sampled); 'ranks' = one-line 'Score: N' targets from the human preferences (preferred reply 4, "
         "the other 1), held out by conversation tree; pair it with judge.scoring: direct and judge.template: judge_brief",
     )
     eft_pairwise: list[str] = Field(
@@ -45,8 +45,18 @@ class SeedDataConfig(StrictModel):
     )
     eft_length_balance: bool = Field(True, description="eft_targets ranks: keep as many 'shorter reply preferred' units as 'longer preferred'")
     eft_pairwise_examples: bool = Field(False, description="eft_targets ranks: also train 'Winner: A|B' pairwise_brief examples (both orders)")
+    eft_judge: Literal["ift_sft", "base"] = Field(
+        "ift_sft",
+        description="eft_targets agree: who writes the judgments: 'ift_sft' = the SFT baseline, the base model "
+        "fine-tuned on IFT only with sft.settings (the paper; stage sft_ift), 'base' = the base model as it is",
+    )
+    eft_downsample_score: int | None = Field(
+        4, ge=0, le=5,
+        description="eft_targets agree: cut the examples with this score to the count of the most frequent other score "
+        "(the paper down-samples its over-represented 4); null keeps every agreeing judgment",
+    )
     eft_ties: Literal["drop", "allow"] = Field("drop", description="oasst EFT: do tied scores count as agreement?")
-    eft_max_groups: int | None = Field(None, ge=1, description="oasst EFT: judge at most this many prompts")
+    eft_max_groups: int | None = Field(None, ge=1, description="oasst EFT: judge at most this many (train) prompts")
     eft_max_new_tokens: int = Field(256, ge=16)
     max_ift: int | None = Field(None, ge=1)
     max_eft: int | None = Field(None, ge=1)

@@ -31,13 +31,14 @@ def check_inputs(cfg) -> None:
         resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
     except ModelError as e:
         raise ModelError(f"model.spec: {e}") from None
-    load_seed_data(cfg.seed_data)  # IFT / EFT files: every line validated
+    seed = load_seed_data(cfg.seed_data)  # IFT / EFT files: every line validated
     eft = cfg.seed_data.eft
     if eft.startswith("oasst:") and eft != cfg.seed_data.ift:  # built by a stage later; validate now
         load_oasst(eft.removeprefix("oasst:"))
     _check_templates(cfg)
     _check_judge(cfg)
     _check_roles(cfg)
+    _check_judge_eval(cfg, seed)
     _check_eval(cfg)
     corpus = getattr(cfg, "corpus", None)
     if corpus is not None and not is_done(Path(cfg.runs_dir) / cfg.name / "corpus.jsonl"):
@@ -99,6 +100,31 @@ def _check_roles(cfg) -> None:
         from selfalign.data.prompt_pool import check_pool
 
         check_pool(si.prompts, si.num_prompts, cfg.iterations)
+
+
+def _check_judge_eval(cfg, seed) -> None:
+    """``eval.judge`` needs a held-out EFT split with ranked replies; a run that could not measure
+    its judge fails here instead of skipping the evaluation."""
+    ev = getattr(cfg, "eval", None)
+    if ev is None or not ev.judge.enabled:
+        return
+    sd = cfg.seed_data
+    if sd.eft == "none" or sd.eft_heldout_fraction == 0:
+        raise ConfigError(
+            f"eval.judge is enabled but there is no held-out EFT split (seed_data.eft: {sd.eft}, seed_data.eft_heldout_fraction: "
+            f"{sd.eft_heldout_fraction}): set both, or eval.judge.enabled: false"
+        )
+    if sd.eft.startswith("oasst:") and sd.eft_targets == "agree":
+        return  # held-out OpenAssistant groups: ranked by construction (recipes/seed_eft.py)
+    from selfalign.eval.judge_agreement import items_from_eft
+
+    items = items_from_eft(seed.eft_heldout, where=f"the held-out split of seed_data.eft={sd.eft}")
+    if not items:
+        raise ConfigError(
+            f"eval.judge: the held-out split of seed_data.eft={sd.eft!r} ({len(seed.eft_heldout)} records) has no prompt with two "
+            f"differently ranked replies (dropped: {dict(items.dropped)}); give the file's records a human_rank or a score "
+            f"(or a final 'Score:' line) and several replies per instruction, or raise seed_data.eft_heldout_fraction"
+        )
 
 
 def _check_eval(cfg) -> None:
