@@ -123,7 +123,7 @@ class SelfInstructConfig(StrictModel):
     rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
-    temperature: float = Field(0.8, ge=0.0)
+    temperature: float = Field(0.6, ge=0.0, description="the paper: 0.6 (with top_p 0.9)")
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(96, ge=8)
     batch_size: int = Field(64, ge=1)

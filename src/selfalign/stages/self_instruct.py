@@ -65,7 +65,7 @@ class SelfInstructSettings:
     rouge_threshold: float = 0.7
     min_words: int = 3
     max_words: int = 150
-    temperature: float = 0.8
+    temperature: float = 0.6
     top_p: float = 0.9
     max_new_tokens: int = 96
     batch_size: int = 32
