@@ -353,3 +353,20 @@ def test_eval_judge_without_a_ranked_heldout_split_fails_before_the_run(tmp_path
     cfg = _sr_config(tmp_path, tiny_model_dir, seed_data={"eft_heldout_fraction": 0.0}, eval={"judge": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"eval\.judge is enabled but there is no held-out EFT split"):
         check_inputs(cfg)
+
+
+def test_paper_configs_name_the_missing_input_they_need(tmp_path, tiny_model_dir, monkeypatch):
+    from selfalign.recipes.humpback_config import HumpbackConfig
+    from selfalign.recipes.preflight import check_inputs
+
+    monkeypatch.chdir(tmp_path)  # none of the user-provided files exist here
+    sr = load_config(SelfRewardingConfig, ROOT / "configs/self_rewarding_paper.yaml", [f"model.spec={tiny_model_dir}"])
+    with pytest.raises(DataError, match=r"^seed_data\.ift: data/oasst1_train\.jsonl: file not found"):
+        check_inputs(sr)
+    mr = load_config(MetaRewardingConfig, ROOT / "configs/meta_rewarding_paper.yaml",
+                     [f"model.spec={tiny_model_dir}", "seed_data.ift=demo", "seed_data.eft=demo"])
+    with pytest.raises(DataError, match=r"^self_instruct\.prompts: prompt pool file not found: data/prompt_pool\.jsonl"):
+        check_inputs(mr)
+    hb = load_config(HumpbackConfig, ROOT / "configs/humpback_paper.yaml", [f"model.spec={tiny_model_dir}", "seed_data.ift=demo"])
+    with pytest.raises(DataError, match=r"^corpus\.source: data/clueweb_segments\.jsonl: file not found"):
+        check_inputs(hb)

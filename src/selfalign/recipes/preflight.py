@@ -31,6 +31,7 @@ def check_inputs(cfg) -> None:
         resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
     except ModelError as e:
         raise ModelError(f"model.spec: {e}") from None
+    _check_paths(cfg)
     seed = load_seed_data(cfg.seed_data)  # IFT / EFT files: every line validated
     eft = cfg.seed_data.eft
     if eft.startswith("oasst:") and eft != cfg.seed_data.ift:  # built by a stage later; validate now
@@ -46,6 +47,23 @@ def check_inputs(cfg) -> None:
 
         for _ in iter_documents(corpus):  # every document decoded and validated
             pass
+
+
+def _check_paths(cfg) -> None:
+    """The data files the config names exist (a missing one is named with its key)."""
+    from selfalign.errors import DataError
+
+    sd = cfg.seed_data
+    named = [("seed_data.ift", sd.ift), ("seed_data.eft", sd.eft)]
+    corpus = getattr(cfg, "corpus", None)
+    if corpus is not None:
+        named.append(("corpus.source", corpus.source))
+    for key, value in named:
+        if value in ("demo", "none"):
+            continue
+        path = Path(value.removeprefix("oasst:").removeprefix("hf:")).expanduser()
+        if not path.exists():
+            raise DataError(f"{key}: {path}: file not found (paths are relative to the directory the run starts in)")
 
 
 def _check_templates(cfg) -> None:
