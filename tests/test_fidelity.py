@@ -190,6 +190,22 @@ def test_external_judge_is_one_setting_and_current_writer_follows_m_t(tmp_path, 
     assert built.count(str(judge_dir)) == 1  # loaded once for the whole run (CPU: kept between iterations)
 
 
+def test_on_a_gpu_a_fixed_judge_is_released_for_training_and_reloaded_unchanged(tmp_path, tiny_model_dir, fake_world, monkeypatch):
+    from selfalign.recipes import roles
+    from selfalign.recipes.self_rewarding import run_self_rewarding
+
+    built, _ = fake_world
+    monkeypatch.setattr(roles.RoleEngines, "_exclusive", staticmethod(lambda engine: True))  # as on a GPU
+    judge_dir = tmp_path / "judge"
+    shutil.copytree(tiny_model_dir, judge_dir)
+    cfg = _sr_config(tmp_path, tiny_model_dir, self_instruct={"model": "current"}, judge={"model": str(judge_dir)})
+    res = run_self_rewarding(cfg, show_progress=False)
+    m2 = str(res.run_dir / "iter_1" / "model")
+    # one model at a time: M_t, then the judge (M_t closed), next iteration M_2, then the judge again
+    assert built == [str(tiny_model_dir), str(judge_dir), m2, str(judge_dir)]
+    assert [m["role_models"]["judge"] for m in res.iterations] == [str(judge_dir)] * 2
+
+
 def test_a_missing_role_model_fails_before_the_run_naming_the_key(tmp_path, tiny_model_dir):
     from selfalign.recipes.self_rewarding import run_self_rewarding
 

@@ -97,6 +97,7 @@ def iteration(
                                           responses, show_progress)
     finally:
         engine.close()
+        roles.release()  # a GPU is left free for DPO
     actor_pairs = actor_pairs_step(stage["actor_pairs"], run, cfg, t, responses)
     dpo_step(stage["dpo"], cfg, model, actor_pairs + judge_pairs, run.root / it / "model", cfg.dpo, log, it)
     metrics = iteration_metrics(run, cfg, t, responses, actor_pairs, judge_pairs)

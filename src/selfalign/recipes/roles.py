@@ -149,6 +149,16 @@ class RoleEngines:
         for key in [k for k in self._fixed if not k.startswith("openai:")]:
             self._fixed.pop(key).close()
 
+    def release(self) -> None:
+        """End of an iteration's generation: fixed models on a GPU are closed, so DPO and the
+        evaluations get the memory (a CPU keeps them for the next iteration)."""
+        for key in [k for k, fm in self._loaded_models() if self._exclusive(fm.engine)]:
+            self._fixed.pop(key).close()
+
+    def _loaded_models(self):
+        by_key = {fm.key: fm for fm in self._roles.values() if fm is not None}
+        return [(k, by_key[k]) for k in self._fixed if k in by_key]
+
     def close(self) -> None:
         """Close every fixed engine (end of the run)."""
         for key in list(self._fixed):

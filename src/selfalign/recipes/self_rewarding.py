@@ -88,6 +88,7 @@ def iteration(
         judge_step(stage["judge"], cfg, t, roles.engine("judge"), responses, show_progress)  # (3) K judgments each
     finally:
         engine.close()
+        roles.release()  # a GPU is left free for DPO
     pairs = pairs_step(stage["pairs"], run, cfg, t, responses)  # (4) best vs worst, ties dropped
     dpo_step(stage["dpo"], cfg, model, pairs, next_model, cfg.dpo, log, it)  # (5) M_{t+1} = DPO(M_t)
     metrics = iteration_metrics(run, t, responses, pairs)
