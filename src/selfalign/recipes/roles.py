@@ -92,7 +92,6 @@ class RoleEngines:
         self.current = None
         self._fixed: dict[str, object] = {}
         self._roles = {role: resolve_role(cfg, role) for role in ROLES if role_setting(cfg, role) != "current"}
-        self.loads: dict[str, int] = {}  # key -> how many times it was loaded (a fixed model: once, off GPU)
 
     def for_iteration(self, current) -> RoleEngines:
         """Use ``current`` (M_t's GenerationModel) for the roles that are M_t."""
@@ -131,7 +130,6 @@ class RoleEngines:
                 self._close_local()
             self.log(f"[{role}] loading the fixed model {fm.label} (never trained)")
             self._fixed[fm.key] = create_engine(fm.model, fm.engine)
-            self.loads[fm.key] = self.loads.get(fm.key, 0) + 1
         return self._fixed[fm.key]
 
     @staticmethod
