@@ -2,9 +2,13 @@
 
 - IFT: ``demo`` (shipped), ``oasst:<file>`` (first turns + rank-0 replies of OpenAssistant trees,
   either layout), or a JSONL of ``{"id"?, "messages": [...user..., assistant]}``.
-- EFT: ``demo`` (shipped), ``none``, ``oasst:<file>`` (judged by the base model and kept where its
-  scores agree with the human ranks: the recipe's ``seed_eft`` stage), or a JSONL of ``{"id"?, "instruction", "response", "judgment"}``
-  where the judgment ends with its ``Score:`` line.
+- EFT: ``demo`` (shipped), ``none``, ``oasst:<file>`` (split into train and held-out prompts first,
+  then the train prompts' replies are judged by the IFT-only SFT model or the base model and kept
+  where the scores agree with the human ranks: :mod:`selfalign.recipes.seed_eft`), or a JSONL of
+  ``{"id"?, "instruction", "response", "judgment", "score"?, "human_rank"?, "prompt_id"?}`` where the
+  judgment ends with its ``Score:`` line (``score`` defaults to it).
+
+Held-out EFT prompts leave the IFT set (counted as ``eft_heldout_prompt``).
 
 EFT examples become SFT chat examples whose user turn is the judge prompt (rendered with the
 run's judge template) and whose assistant turn is the judgment, so SFT teaches the judge format.
@@ -81,10 +85,84 @@ def load_eft(source: str) -> list[dict]:
         return []  # oasst: EFT is built by the recipe's seed_eft stage with the model itself
     if source == "demo":
         return load_seed_eft()
+    return [_eft_file_record(r) for r in load_jsonl(source, EFTRecord)]
+
+
+def _eft_file_record(r: EFTRecord) -> dict:
+    """An EFT file line as a record; ``score`` (else the judgment's own ``Score:`` line),
+    ``human_rank`` and ``prompt_id`` are kept, so ``eval.judge`` can rank a held-out split of it."""
+    from selfalign.stages.parsing import parse_score
+
+    extra = r.model_extra or {}
+    score = extra.get("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool):
+        score = parse_score(r.judgment).score
+    rec = {"id": r.id or record_id("eft", r.instruction, r.response), "instruction": r.instruction, "response": r.response,
+           "judgment": r.judgment, "score": score}
+    if isinstance(extra.get("human_rank"), int) and not isinstance(extra.get("human_rank"), bool) and extra["human_rank"] >= 0:
+        rec["human_rank"] = extra["human_rank"]
+    if isinstance(extra.get("prompt_id"), str):
+        rec["prompt_id"] = extra["prompt_id"]
+    return rec
+
+
+def _norm_prompt(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def drop_heldout_prompts(ift: list[dict], heldout: list[dict]) -> tuple[list[dict], int]:
+    """IFT examples whose (first) user prompt is a held-out EFT instruction removed, so the judge is
+    evaluated on prompts the model never trained on (Self-Rewarding: no prompt shared with IFT)."""
+    held = {_norm_prompt(e["instruction"]) for e in heldout}
+    if not held:
+        return ift, 0
+    kept = [e for e in ift if _norm_prompt(next(m["content"] for m in e["messages"] if m["role"] == "user")) not in held]
+    return kept, len(ift) - len(kept)
+
+
+def split_groups(groups: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """OpenAssistant EFT groups (:func:`selfalign.data.oasst.eft_groups`) split into (train, held out)
+    by their prompt text, *before* any judging: the held-out side is every ranked group, not only
+    those a model happened to rank right."""
+    by_prompt: dict[str, list[dict]] = {}
+    for g in groups:
+        by_prompt.setdefault(record_id("eft-question", _norm_prompt(g["prompt"])), []).append(g)
+    keys = [{"id": k} for k in by_prompt]
+    if not keys or heldout_fraction == 0:
+        return list(groups), []
+    _train, held = split_train_heldout(keys, heldout_fraction, seed)
+    held_ids = {k["id"] for k in held}
+    train = [g for k, gs in by_prompt.items() if k not in held_ids for g in gs]
+    heldout = [g for k, gs in by_prompt.items() if k in held_ids for g in gs]
+    return train, heldout
+
+
+def heldout_group_records(groups: list[dict]) -> list[dict]:
+    """Held-out groups as the ranked records ``eval.judge`` scores (no judgment: nothing judged them)."""
     return [
-        {"id": r.id or record_id("eft", r.instruction, r.response), "instruction": r.instruction, "response": r.response, "judgment": r.judgment}
-        for r in load_jsonl(source, EFTRecord)
+        {"id": record_id("eft-heldout", g["prompt_id"], r["id"]), "prompt_id": g["prompt_id"], "instruction": g["prompt"],
+         "response": r["text"], "human_rank": r["rank"]}
+        for g in groups for r in g["replies"]
     ]
+
+
+def downsample_score(eft: list[dict], score: int | None, seed: int) -> tuple[list[dict], int]:
+    """Examples whose (rounded) score is ``score`` cut, at random (seeded), to the count of the most
+    frequent other score (Self-Rewarding down-samples its over-represented score 4); returns the
+    kept examples in their order and how many were removed. ``score`` None keeps everything."""
+    import random
+    from collections import Counter
+
+    if score is None:
+        return eft, 0
+    counts = Counter(round(e["score"]) for e in eft if e.get("score") is not None)
+    target = counts.pop(score, 0)
+    cap = max(counts.values(), default=0)
+    if target <= cap:
+        return eft, 0
+    idx = [i for i, e in enumerate(eft) if e.get("score") is not None and round(e["score"]) == score]
+    drop = set(random.Random(f"eft-downsample:{seed}").sample(idx, target - cap))
+    return [e for i, e in enumerate(eft) if i not in drop], len(drop)
 
 
 def split_eft(eft: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -112,6 +190,9 @@ def load_seed_data(cfg) -> SeedData:
     train, held = split_eft(eft, cfg.eft_heldout_fraction, cfg.seed)
     if cfg.max_eft is not None:
         train = train[: cfg.max_eft]
+    ift, removed = drop_heldout_prompts(ift, held)
+    if removed:
+        dropped = {**dropped, "eft_heldout_prompt": removed}
     return SeedData(ift, train, held, dropped)
 
 

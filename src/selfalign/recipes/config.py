@@ -7,9 +7,9 @@ validated (unknown keys are errors naming the key and the file) and can be overr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from selfalign.config import EngineConfig, ModelConfig, StrictModel
 from selfalign.training.config import DPOSettings, JudgePairwiseSettings, LaunchSettings, SFTSettings
@@ -26,8 +26,8 @@ class SeedDataConfig(StrictModel):
     )
     eft_targets: Literal["agree", "ranks"] = Field(
         "agree",
-        description="oasst EFT: 'agree' = the paper's (the base model's own judgments, kept where they agree with "
-        "the human ranks); 'ranks' = one-line 'Score: N' targets from the human preferences (preferred reply 4, "
+        description="oasst EFT: 'agree' = the paper's (prompts split train/held-out first; the train replies judged "
+        "by eft_judge, kept where the judgments agree with the human ranks, score eft_downsample_score down-sampled); 'ranks' = one-line 'Score: N' targets from the human preferences (preferred reply 4, "
         "the other 1), held out by conversation tree; pair it with judge.scoring: direct and judge.template: judge_brief",
     )
     eft_pairwise: list[str] = Field(
@@ -52,8 +52,18 @@ class SeedDataConfig(StrictModel):
     )
     eft_length_balance: bool = Field(True, description="eft_targets ranks: keep as many 'shorter reply preferred' units as 'longer preferred'")
     eft_pairwise_examples: bool = Field(False, description="eft_targets ranks: also train 'Winner: A|B' pairwise_brief examples (both orders)")
+    eft_judge: Literal["ift_sft", "base"] = Field(
+        "ift_sft",
+        description="eft_targets agree: who writes the judgments: 'ift_sft' = the SFT baseline, the base model "
+        "fine-tuned on IFT only with sft.settings (the paper; stage sft_ift), 'base' = the base model as it is",
+    )
+    eft_downsample_score: int | None = Field(
+        4, ge=0, le=5,
+        description="eft_targets agree: cut the examples with this score to the count of the most frequent other score "
+        "(the paper down-samples its over-represented 4); null keeps every agreeing judgment",
+    )
     eft_ties: Literal["drop", "allow"] = Field("drop", description="oasst EFT: do tied scores count as agreement?")
-    eft_max_groups: int | None = Field(None, ge=1, description="oasst EFT: judge at most this many prompts")
+    eft_max_groups: int | None = Field(None, ge=1, description="oasst EFT: judge at most this many (train) prompts")
     eft_max_new_tokens: int = Field(256, ge=16)
     max_ift: int | None = Field(None, ge=1)
     max_eft: int | None = Field(None, ge=1)
@@ -84,14 +94,56 @@ class SFTStageConfig(StrictModel):
     )
 
 
+# ----------------------------------------------------------------------------- the roles' models
+ROLE_SHORTHANDS = ("current", "base")
+
+
+class RoleModelConfig(StrictModel):
+    """A fixed model for one role, with its own engine (e.g. an OpenAI-compatible endpoint):
+    ``{spec: llama-3-70b-instruct, engine: {kind: openai, base_url: http://host:8000/v1}}``."""
+
+    spec: str = Field(min_length=1, description="model spec: hub id, local dir, .gguf file, smollm2-135m-instruct, or the served name")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    engine: EngineConfig | None = Field(None, description="default: the run's engine section")
+
+
+ROLE_MODEL_HELP = (
+    "who plays this role: 'current' = M_t, the model being trained (changes every iteration); 'base' = the run's "
+    "model.spec as loaded, never trained; any other string = a model spec (hub id, local dir, .gguf, "
+    "smollm2-135m-instruct) loaded with the run's engine; or {spec, dtype, engine} for a fixed model on its own "
+    "engine (e.g. engine: {kind: openai, base_url: ...}). A fixed model is loaded once per run and never trained."
+)
+
+
+def _check_role(v):
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("empty model; use 'current', 'base', a model spec, or {spec, engine}")
+    return v
+
+
+RoleModel = Annotated[Union[str, RoleModelConfig], AfterValidator(_check_role)]
+
+
 class SelfInstructConfig(StrictModel):
+    model: RoleModel = Field(
+        "base",
+        description="the prompt writer. " + ROLE_MODEL_HELP + " Default 'base': a fixed writer, as in Self-Rewarding "
+        "(the paper used Llama-2-Chat-70B, never M_t)",
+    )
+    prompts: str | None = Field(
+        None,
+        description="a fixed prompt pool (JSONL/JSON: strings or {prompt|instruction|messages}) instead of generated "
+        "prompts, as in Meta-Rewarding: num_prompts drawn per iteration without replacement (seeded); model unused",
+    )
+    keyword_filter: bool = Field(True, description="Self-Instruct's filter: drop prompts that mention images, files, plots, audio...")
+    keywords: list[str] | None = Field(None, description="the filtered words; default: Self-Instruct's list (stages/self_instruct.py)")
     num_prompts: int = Field(64, ge=1)
     seed_shots: int = Field(6, ge=0)
     generated_shots: int = Field(2, ge=0)
     rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(150, ge=1)
-    temperature: float = Field(0.8, ge=0.0)
+    temperature: float = Field(0.6, ge=0.0, description="the paper: 0.6 (with top_p 0.9)")
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(96, ge=8)
     batch_size: int = Field(64, ge=1)
@@ -107,6 +159,7 @@ class SelfInstructConfig(StrictModel):
 
 
 class RespondConfig(StrictModel):
+    model: RoleModel = Field("current", description="the actor. " + ROLE_MODEL_HELP + " Default: M_t (both papers)")
     n: int = Field(4, ge=2, description="candidate responses per prompt")
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
@@ -116,6 +169,11 @@ class RespondConfig(StrictModel):
 
 class JudgeConfig(StrictModel):
     kind: Literal["llm", "function", "classifier"] = "llm"
+    model: RoleModel = Field(
+        "current",
+        description="the LLM judge. " + ROLE_MODEL_HELP + " Default: M_t, the model judges itself (both papers); a fixed "
+        "model here is the 'external judge' ablation (RLAIF-style)",
+    )
     k: int = Field(3, ge=1, description="judgments per candidate (LLM judge)")
     scoring: Literal["sampled", "expected", "direct"] = Field(
         "sampled",
@@ -228,7 +286,13 @@ class LengthControlConfig(StrictModel):
 
 
 class MetaJudgeConfig(StrictModel):
+    model: RoleModel = Field("current", description="the meta-judge. " + ROLE_MODEL_HELP + " Default: M_t (the paper)")
     template: str = Field("meta_judge", description="built-in name or a template file path")
+    per_prompt: int | None = Field(
+        1, ge=1,
+        description="responses meta-judged per prompt, highest judgment-score variance first (the paper: 1, the response "
+        "whose judgments disagree most); null = every response whose judgments differ",
+    )
     top_k: int | None = Field(None, ge=1, description="responses meta-judged per iteration (highest judgment-score variance first)")
     min_variance: float | None = Field(None, ge=0.0, description="only responses whose judgment scores vary at least this much")
     temperature: float = Field(0.7, ge=0.0)

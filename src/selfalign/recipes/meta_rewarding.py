@@ -1,15 +1,18 @@
 """Meta-Rewarding Language Models (Wu et al., 2024), as a resumable run.
 
-One model plays actor, judge and meta-judge:
+One model plays actor, judge and meta-judge (each role's model is a setting, see
+:mod:`selfalign.recipes.roles`):
 
     M1 = SFT(M0, EFT)                                # the seed model learns the judge format
     for t = 1 .. T:
-        prompts    = self_instruct(M_t)
+        prompts    = pool draw (self_instruct.prompts) # the paper: 5k a round from a fixed pool
+                     or self_instruct(writer)        #   else a fixed writer (default: M0) writes them
         responses  = respond(M_t, K)                 # K = 7, exact duplicates removed later
         judgments  = judge(M_t, responses, N)        # N = 5 per response, mean score
         actor      = length-controlled pairs(rho)    # shortest of the top tier vs longest of the bottom
         if schedule[t] trains the judge:
-            verdicts = meta_judge(M_t, both orders of every pair of a response's judgments)
+            verdicts = meta_judge(M_t, both orders of every pair of the judgments of the one response
+                                  per prompt whose scores vary most)  # meta_judge.per_prompt: 1
             judge    = Elo best vs worst judgment    # position-bias weighted battle matrix
         M_{t+1}    = DPO(M_t, actor (+ judge) pairs)
 
@@ -41,6 +44,7 @@ from selfalign.recipes.steps import (
     self_instruct_step,
 )
 from selfalign.recipes.preflight import check_inputs
+from selfalign.recipes.roles import RoleEngines
 from selfalign.run import Run
 from selfalign.runlock import run_lock
 from selfalign.stages.judge import aggregate
@@ -64,16 +68,21 @@ def _run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = 
     seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, EFT)
     start = run_seed_judge_eval(run, cfg, SEED_KEYS + ["judge"], model, parent, seed.eft_heldout, log, show_progress)  # M1's judge
     iterations = []
-    for t in range(1, cfg.iterations + 1):
-        next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
-        model, parent = next_model, model
-        iterations.append(metrics)
+    roles = RoleEngines(cfg, log)  # fixed role models: loaded once, never trained
+    try:
+        for t in range(1, cfg.iterations + 1):
+            next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress, roles)
+            model, parent = next_model, model
+            iterations.append(metrics)
+    finally:
+        roles.close()
     final_report(run, log)
     return RecipeResult(run.root, model, iterations, start)
 
 
 def iteration(
-    run: Run, cfg: MetaRewardingConfig, t: int, model: Path, parent: Path | None, seed: SeedData, log, show_progress: bool
+    run: Run, cfg: MetaRewardingConfig, t: int, model: Path, parent: Path | None, seed: SeedData, log, show_progress: bool,
+    roles: RoleEngines,
 ) -> tuple[Path, dict]:
     """One Meta-Rewarding iteration with M_t = ``model``; returns M_{t+1} and the metrics."""
     it = f"iter_{t}"
@@ -83,20 +92,24 @@ def iteration(
     stage = {name: run.stage(f"{it}/{name}", depends_on=keys) for name in names}
     stage["dpo"] = run.stage(f"{it}/dpo", depends_on=keys, outputs=[f"{it}/model"])
     engine = GenerationModel(cfg, model, parent, it, log)
+    roles.for_iteration(engine)
     judge_pairs: list[dict] = []
     try:
-        prompts = self_instruct_step(stage["self_instruct"], cfg, t, engine, seed, show_progress)
-        responses = respond_step(stage["respond"], cfg, t, engine, prompts, show_progress)  # the actor: K each
-        judge_step(stage["judge"], cfg, t, engine, responses, show_progress)  # the judge: N each
+        prompts = self_instruct_step(stage["self_instruct"], cfg, t, roles.engine("self_instruct"), seed, show_progress)
+        responses = respond_step(stage["respond"], cfg, t, roles.engine("respond"), prompts, show_progress)  # the actor: K each
+        judge_step(stage["judge"], cfg, t, roles.engine("judge"), responses, show_progress)  # the judge: N each
         if train_judge:
-            judge_pairs = meta_judge_step(stage["meta_judge"], stage["judge_pairs"], cfg, t, engine, responses, show_progress)
+            judge_pairs = meta_judge_step(stage["meta_judge"], stage["judge_pairs"], cfg, t, roles.engine("meta_judge"),
+                                          responses, show_progress)
     finally:
         engine.close()
+        roles.release()  # a GPU is left free for DPO
     actor_pairs = actor_pairs_step(stage["actor_pairs"], run, cfg, t, responses)
     dpo_step(stage["dpo"], cfg, model, actor_pairs + judge_pairs, run.root / it / "model", cfg.dpo, log, it)
     metrics = iteration_metrics(run, cfg, t, responses, actor_pairs, judge_pairs)
     metrics.update(run_iteration_evals(run, cfg, t, keys, run.root / it / "model", model, seed.eft_heldout, log, show_progress))
     metrics["generation_dtype"] = engine.dtype
+    metrics["role_models"] = {r: roles.label(r) for r in ("self_instruct", "respond", "judge", "meta_judge")}
     atomic_write_json(run.root / it / "metrics.json", metrics)
     return run.root / it / "model", metrics
 
@@ -125,6 +138,7 @@ def meta_judge_step(stage, pairs_stage, cfg: MetaRewardingConfig, t: int, engine
         mj = cfg.meta_judge
         settings = MetaJudgeSettings(
             template=mj.template, judge_template=cfg.judge.template, top_k=mj.top_k, min_variance=mj.min_variance,
+            per_prompt=mj.per_prompt,
             temperature=mj.temperature, top_p=mj.top_p, max_new_tokens=mj.max_new_tokens, seed=cfg.seed + 2000 + t,
             elo_l2=mj.elo_l2, verdict=mj.verdict, max_judgment_chars=mj.max_judgment_chars, max_judgment_tokens=mj.max_judgment_tokens,
             iteration=t,

@@ -31,12 +31,15 @@ def check_inputs(cfg) -> None:
         resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
     except ModelError as e:
         raise ModelError(f"model.spec: {e}") from None
-    load_seed_data(cfg.seed_data)  # IFT / EFT files: every line validated
+    _check_paths(cfg)
+    seed = load_seed_data(cfg.seed_data)  # IFT / EFT files: every line validated
     eft = cfg.seed_data.eft
     if eft.startswith("oasst:") and eft != cfg.seed_data.ift:  # built by a stage later; validate now
         load_oasst(eft.removeprefix("oasst:"))
     _check_templates(cfg)
     _check_judge(cfg)
+    _check_roles(cfg)
+    _check_judge_eval(cfg, seed)
     _check_eval(cfg)
     corpus = getattr(cfg, "corpus", None)
     if corpus is not None and not is_done(Path(cfg.runs_dir) / cfg.name / "corpus.jsonl"):
@@ -44,6 +47,23 @@ def check_inputs(cfg) -> None:
 
         for _ in iter_documents(corpus):  # every document decoded and validated
             pass
+
+
+def _check_paths(cfg) -> None:
+    """The data files the config names exist (a missing one is named with its key)."""
+    from selfalign.errors import DataError
+
+    sd = cfg.seed_data
+    named = [("seed_data.ift", sd.ift), ("seed_data.eft", sd.eft)]
+    corpus = getattr(cfg, "corpus", None)
+    if corpus is not None:
+        named.append(("corpus.source", corpus.source))
+    for key, value in named:
+        if value in ("demo", "none"):
+            continue
+        path = Path(value.removeprefix("oasst:").removeprefix("hf:")).expanduser()
+        if not path.exists():
+            raise DataError(f"{key}: {path}: file not found (paths are relative to the directory the run starts in)")
 
 
 def _check_templates(cfg) -> None:
@@ -86,6 +106,43 @@ def _check_judge(cfg) -> None:
             raise ConfigError(f"judge.function: {judge.function!r} is not callable")
     elif judge.kind == "classifier" and not (Path(judge.classifier_model).expanduser() / "config.json").is_file():
         raise ConfigError(f"judge.classifier_model: {judge.classifier_model} is not a model directory (no config.json)")
+
+
+def _check_roles(cfg) -> None:
+    """Every fixed role model resolves (``self_instruct.model`` ...), and a prompt pool lasts the run."""
+    from selfalign.recipes.roles import check_roles
+
+    check_roles(cfg)
+    si = getattr(cfg, "self_instruct", None)
+    if si is not None and si.prompts:
+        from selfalign.data.prompt_pool import check_pool
+
+        check_pool(si.prompts, si.num_prompts, cfg.iterations)
+
+
+def _check_judge_eval(cfg, seed) -> None:
+    """``eval.judge`` needs a held-out EFT split with ranked replies; a run that could not measure
+    its judge fails here instead of skipping the evaluation."""
+    ev = getattr(cfg, "eval", None)
+    if ev is None or not ev.judge.enabled:
+        return
+    sd = cfg.seed_data
+    if sd.eft == "none" or sd.eft_heldout_fraction == 0:
+        raise ConfigError(
+            f"eval.judge is enabled but there is no held-out EFT split (seed_data.eft: {sd.eft}, seed_data.eft_heldout_fraction: "
+            f"{sd.eft_heldout_fraction}): set both, or eval.judge.enabled: false"
+        )
+    if sd.eft.startswith("oasst:") and sd.eft_targets == "agree":
+        return  # held-out OpenAssistant groups: ranked by construction (recipes/seed_eft.py)
+    from selfalign.eval.judge_agreement import items_from_eft
+
+    items = items_from_eft(seed.eft_heldout, where=f"the held-out split of seed_data.eft={sd.eft}")
+    if not items:
+        raise ConfigError(
+            f"eval.judge: the held-out split of seed_data.eft={sd.eft!r} ({len(seed.eft_heldout)} records) has no prompt with two "
+            f"differently ranked replies (dropped: {dict(items.dropped)}); give the file's records a human_rank or a score "
+            f"(or a final 'Score:' line) and several replies per instruction, or raise seed_data.eft_heldout_fraction"
+        )
 
 
 def _check_eval(cfg) -> None:

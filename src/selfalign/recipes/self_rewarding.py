@@ -2,12 +2,16 @@
 
     M0 = the base model
     M1 = SFT(M0, IFT + EFT)                       # EFT teaches the judge its format
-    for t = 1 .. T:
-        prompts    = self_instruct(M_t)           # 8-shot, ROUGE-L < 0.7 against the pool
+    for t = 1 .. T:                               # the paper: T = 2 (its M2, M3)
+        prompts    = self_instruct(writer)        # a fixed writer (default: M0), 8-shot, ROUGE-L < 0.7, keyword filter
         candidates = respond(M_t, prompts, N)     # N samples, temperature 0.7, top-p 0.9
         rewards    = judge(M_t, candidates, K)    # mean of K rubric scores (0-5)
         pairs      = highest vs lowest reward per prompt, ties dropped
         M_{t+1}    = DPO(M_t, pairs), reference = M_t
+
+Each role's model is a setting (``self_instruct.model``, ``respond.model``, ``judge.model``:
+M_t, the base model, any model spec or an endpoint; :mod:`selfalign.recipes.roles`); fixed
+ones are loaded once per run and never trained.
 
 Everything lands in ``runs/<name>/``: ``sft/model``, and per iteration ``iter_<t>/`` with
 ``self_instruct.jsonl``, ``respond.jsonl``, ``judge.jsonl``, ``pairs.jsonl``, the trained
@@ -38,6 +42,7 @@ from selfalign.recipes.steps import (
     write_all,
 )
 from selfalign.recipes.preflight import check_inputs
+from selfalign.recipes.roles import RoleEngines
 from selfalign.run import Run
 from selfalign.runlock import run_lock
 from selfalign.stages.judge import aggregate
@@ -59,16 +64,21 @@ def _run_self_rewarding(cfg: SelfRewardingConfig, *, restart_from: str | None = 
     seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, IFT + EFT)
     start = run_seed_judge_eval(run, cfg, SEED_KEYS + ["judge"], model, parent, seed.eft_heldout, log, show_progress)  # M1's judge
     iterations = []
-    for t in range(1, cfg.iterations + 1):
-        next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress)
-        model, parent = next_model, model
-        iterations.append(metrics)
+    roles = RoleEngines(cfg, log)  # fixed role models: loaded once, never trained
+    try:
+        for t in range(1, cfg.iterations + 1):
+            next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress, roles)
+            model, parent = next_model, model
+            iterations.append(metrics)
+    finally:
+        roles.close()
     final_report(run, log)
     return RecipeResult(run.root, model, iterations, start)
 
 
 def iteration(
-    run: Run, cfg: SelfRewardingConfig, t: int, model: Path, parent: Path | None, seed: SeedData, log, show_progress: bool
+    run: Run, cfg: SelfRewardingConfig, t: int, model: Path, parent: Path | None, seed: SeedData, log, show_progress: bool,
+    roles: RoleEngines,
 ) -> tuple[Path, dict]:
     """One Self-Rewarding iteration with M_t = ``model`` (trained from ``parent``); returns M_{t+1} and the metrics."""
     it = f"iter_{t}"
@@ -77,17 +87,20 @@ def iteration(
     stage["dpo"] = run.stage(f"{it}/dpo", depends_on=keys, outputs=[f"{it}/model"])
     next_model = run.root / it / "model"
     engine = GenerationModel(cfg, model, parent, it, log)
+    roles.for_iteration(engine)
     try:
-        prompts = self_instruct_step(stage["self_instruct"], cfg, t, engine, seed, show_progress)  # (1) new prompts
-        responses = respond_step(stage["respond"], cfg, t, engine, prompts, show_progress)  # (2) N candidates each
-        judge_step(stage["judge"], cfg, t, engine, responses, show_progress)  # (3) K judgments each
+        prompts = self_instruct_step(stage["self_instruct"], cfg, t, roles.engine("self_instruct"), seed, show_progress)  # (1)
+        responses = respond_step(stage["respond"], cfg, t, roles.engine("respond"), prompts, show_progress)  # (2) N each
+        judge_step(stage["judge"], cfg, t, roles.engine("judge"), responses, show_progress)  # (3) K judgments each
     finally:
         engine.close()
+        roles.release()  # a GPU is left free for DPO
     pairs = pairs_step(stage["pairs"], run, cfg, t, responses)  # (4) best vs worst, ties dropped
     dpo_step(stage["dpo"], cfg, model, pairs, next_model, cfg.dpo, log, it)  # (5) M_{t+1} = DPO(M_t)
     metrics = iteration_metrics(run, t, responses, pairs)
     metrics.update(run_iteration_evals(run, cfg, t, keys, next_model, model, seed.eft_heldout, log, show_progress))
     metrics["generation_dtype"] = engine.dtype
+    metrics["role_models"] = {r: roles.label(r) for r in ("self_instruct", "respond", "judge")}
     metrics["weights_changed_at_bf16"] = None if engine.changed is None else round(engine.changed, 4)
     atomic_write_json(run.root / it / "metrics.json", metrics)
     return next_model, metrics

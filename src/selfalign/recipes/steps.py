@@ -53,7 +53,9 @@ def seed_model(run: Run, cfg, log, show_progress: bool) -> tuple[SeedData, Path,
     base = resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
     seed = load_seed_data(cfg.seed_data)
     if cfg.seed_data.eft.startswith("oasst:") and cfg.seed_data.eft_targets == "agree":
-        seed.eft_train, seed.eft_heldout = eft_from_oasst(run, cfg, base, log, show_progress)
+        from selfalign.recipes.seed_eft import eft_from_oasst
+
+        seed = eft_from_oasst(run, cfg, base, seed, log, show_progress, SEED_KEYS)  # the paper's EFT construction
     atomic_write_json(run.root / "seed_data.json", {
         "ift": len(seed.ift), "eft_train": len(seed.eft_train), "eft_heldout": len(seed.eft_heldout), "ift_dropped": seed.dropped,
         "judge_pairwise_examples": len(seed.judge_chat), **({"eft": seed.eft_stats} if seed.eft_stats else {}),
@@ -85,17 +87,39 @@ class GenerationModel:
 
 
 def self_instruct_step(stage: Stage, cfg, t: int, engine, seed: SeedData, show_progress: bool) -> list[Prompt]:
-    """(1) New prompts written by M_t; returns the kept ones as prompts to answer."""
+    """(1) New prompts: written by the prompt writer (``engine``, the ``self_instruct.model`` role), or
+    drawn from the fixed pool ``self_instruct.prompts``; returns the kept ones as prompts to answer."""
+    si = cfg.self_instruct
     if not stage.done:
         with stage as st:
-            settings = SelfInstructSettings(**cfg.self_instruct.model_dump(), seed=cfg.seed + t)
-            with st.writer() as w:
-                stats = run_self_instruct(engine(), seed.prompts, w, settings, show_progress=show_progress)
-            st.finish(stats.as_dict())
+            if si.prompts:
+                with st.writer() as w:
+                    counts = write_pool_draw(w, si.prompts, si.num_prompts, t, cfg.seed)
+                st.finish(counts)
+            else:
+                extra = {"keywords": tuple(si.keywords)} if si.keywords is not None else {}
+                settings = SelfInstructSettings(
+                    **si.model_dump(exclude={"model", "prompts", "keywords"}), **extra, seed=cfg.seed + t
+                )
+                with st.writer() as w:
+                    stats = run_self_instruct(engine(), seed.prompts, w, settings, show_progress=show_progress)
+                st.finish(stats.as_dict())
     return [
         Prompt(id=r["id"], messages=_with_system(r["messages"], cfg.respond.system_prompt), source=stage.name)
         for r in kept_prompts(stage.path())
     ]
+
+
+def write_pool_draw(writer: JsonlWriter, pool: str, n: int, t: int, seed: int) -> dict:
+    """Iteration ``t``'s draw from the prompt pool, written as kept prompt records (with each
+    prompt's index in the file, so the draw can be audited); returns the stage counts."""
+    from selfalign.data.prompt_pool import draw_pool
+
+    drawn = draw_pool(pool, n, t, seed)
+    for index, p in drawn:
+        writer.write({"id": p.id, "kind": "prompt", "kept": True, "reject_reason": None, "text": p.text,
+                      "messages": list(p.messages), "pool": pool, "pool_index": index, "source": p.source})
+    return {"candidates": len(drawn), "kept": len(drawn), "rejected": {}, "pool": pool, "pool_draw": [n * (t - 1), n * t]}
 
 
 def respond_step(stage: Stage, cfg, t: int, engine, prompts: list[Prompt], show_progress: bool) -> list[dict]:
@@ -155,29 +179,6 @@ def write_all(path: Path, records: list[dict]) -> None:
         for r in records:
             w.write(r)
         w.mark_done()
-
-
-def eft_from_oasst(run: Run, cfg, base: Path, log, show_progress: bool) -> tuple[list, list]:
-    """EFT from human-ranked OpenAssistant replies, judged by the base model (kept where it agrees)."""
-    from selfalign.data.oasst import eft_groups, load_oasst
-    from selfalign.data.seeding import split_eft
-    from selfalign.stages.eft import build_eft
-
-    sd = cfg.seed_data
-    stage = run.stage("seed_eft", depends_on=SEED_KEYS + ["judge.template"])
-    if not stage.done:
-        groups = eft_groups(load_oasst(sd.eft.removeprefix("oasst:")), lang=tuple(sd.oasst_lang))
-        groups = groups[: sd.eft_max_groups] if sd.eft_max_groups else groups
-        with stage as st:
-            log(f"building EFT: the base model judges {sum(len(g['replies']) for g in groups)} replies of {len(groups)} prompts")
-            with create_engine(ModelConfig(spec=str(base), dtype=cfg.model.dtype), cfg.engine) as engine:
-                with st.writer() as w:
-                    stats = build_eft(engine, groups, w, template=cfg.judge.template, max_new_tokens=sd.eft_max_new_tokens,
-                                      ties=sd.eft_ties, seed=cfg.seed, show_progress=show_progress)
-            st.finish(stats.as_dict())
-            log(f"EFT: kept {stats.kept_groups}/{stats.groups} prompts ({stats.examples} examples); dropped {dict(stats.dropped)}")
-    eft = list(read_jsonl(stage.path()))
-    return split_eft(eft, sd.eft_heldout_fraction, sd.seed)
 
 
 def sft_step(run: Run, cfg, base: Path, seed: SeedData, log) -> Path:

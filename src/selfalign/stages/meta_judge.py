@@ -145,17 +145,21 @@ def parse_verdict(text: str) -> ParsedVerdict:
 
 # ---------------------------------------------------------------- selection, weights, Elo
 def select_for_meta(
-    judgments_by_response: Mapping[str, Sequence[dict]], *, top_k: int | None = None, min_variance: float | None = None
+    judgments_by_response: Mapping[str, Sequence[dict]], *, top_k: int | None = None, min_variance: float | None = None,
+    per_prompt: int | None = None, prompt_of: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Response ids to meta-judge, highest judgment-score variance first.
 
     Per response: population variance of its parsable scores (``score`` not None); eligible
     with >= 2 of them and variance > 1e-12. Ranked by variance (desc), then response id;
-    ``min_variance`` keeps variance >= the threshold, then ``top_k`` keeps the first k; both None
-    keeps every eligible response.
+    ``min_variance`` keeps variance >= the threshold, ``per_prompt`` keeps the first n of each
+    prompt (``prompt_of`` maps response id -> prompt id; Meta-Rewarding: 1, the response whose
+    judgments disagree most), then ``top_k`` keeps the first k; all None keeps every eligible response.
     """
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if per_prompt is not None and (per_prompt < 1 or prompt_of is None):
+        raise ValueError("per_prompt must be >= 1 and comes with prompt_of")
     ranked = []
     for rid, js in judgments_by_response.items():
         s = [float(j["score"]) for j in js if j.get("score") is not None]
@@ -166,6 +170,15 @@ def select_for_meta(
         if var > VAR_EPS and (min_variance is None or var >= min_variance):
             ranked.append((-var, rid))
     ranked.sort()
+    if per_prompt is not None:
+        taken: Counter = Counter()
+        kept = []
+        for item in ranked:
+            pid = prompt_of[item[1]]
+            if taken[pid] < per_prompt:
+                taken[pid] += 1
+                kept.append(item)
+        ranked = kept
     return [rid for _, rid in ranked[: top_k if top_k is not None else None]]
 
 
@@ -259,6 +272,7 @@ class MetaJudgeSettings:
     rubric: str | None = None  # None: rubric_from_template(judge_template)
     top_k: int | None = None  # responses to meta-judge (highest variance first); None: all eligible
     min_variance: float | None = None
+    per_prompt: int | None = None  # responses meta-judged per prompt (the paper: 1); None: no limit
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 384
@@ -408,7 +422,8 @@ def run_meta_judge(
     for js in groups.values():
         js.sort(key=lambda j: (j.get("sample_index", 0), j["id"]))
     stats = MetaJudgeStats(responses=len(responses))
-    selected = select_for_meta(groups, top_k=settings.top_k, min_variance=settings.min_variance)
+    selected = select_for_meta(groups, top_k=settings.top_k, min_variance=settings.min_variance, per_prompt=settings.per_prompt,
+                               prompt_of={rid: r["prompt_id"] for rid, r in by_id.items()})
     stats.responses_selected = len(selected)
 
     plan: list[_Planned] = []

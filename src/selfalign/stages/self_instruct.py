@@ -6,8 +6,10 @@ completion is parsed into one instruction, which is kept only if
 
 1. it parses (``parse_failed``),
 2. its length in words is within bounds (``too_short`` / ``too_long``),
-3. it is not an exact duplicate of a pool prompt after normalisation (``duplicate``),
-4. its ROUGE-L F against every prompt in the pool (seed + kept so far) is below the threshold
+3. it asks for nothing a text-only model cannot do: no word of :data:`UNFIT_KEYWORDS` (Self-Instruct's
+   keyword filter: images, files, plots, audio...; ``keyword``; off with ``keyword_filter: False``),
+4. it is not an exact duplicate of a pool prompt after normalisation (``duplicate``),
+5. its ROUGE-L F against every prompt in the pool (seed + kept so far) is below the threshold
    (``too_similar``).
 
 Every candidate is written, kept or not, with its decision and the closest pool prompt, so the
@@ -32,6 +34,29 @@ from selfalign.stages.parsing import parse_instruction
 from selfalign.stages.rouge import RougeFilter
 
 
+# Self-Instruct's keyword filter (Wang et al., 2023; used by Self-Rewarding, section 3): instructions
+# that mention these ask for something a text-only model cannot see or produce.
+UNFIT_KEYWORDS: tuple[str, ...] = (
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+)
+
+
+def keyword_pattern(keywords: Sequence[str]) -> re.Pattern | None:
+    """A case-insensitive whole-word pattern for ``keywords`` (a phrase matches with any spacing)."""
+    words = [k.strip() for k in keywords if k.strip()]
+    if not words:
+        return None
+    alts = sorted((r"\s+".join(re.escape(w) for w in k.split()) for k in words), key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(alts) + r")\b", re.IGNORECASE)
+
+
+def unfit_keyword(text: str, pattern: re.Pattern | None) -> str | None:
+    """The first filtered keyword ``text`` mentions (lower-cased), or None."""
+    m = pattern.search(text) if pattern is not None else None
+    return re.sub(r"\s+", " ", m.group(0).lower()) if m else None
+
+
 @dataclass
 class SelfInstructSettings:
     num_prompts: int = 100
@@ -40,13 +65,15 @@ class SelfInstructSettings:
     rouge_threshold: float = 0.7
     min_words: int = 3
     max_words: int = 150
-    temperature: float = 0.8
+    temperature: float = 0.6
     top_p: float = 0.9
     max_new_tokens: int = 96
     batch_size: int = 32
     max_rounds: int = 20
     seed: int = 0
     template: str = "self_instruct"
+    keyword_filter: bool = True
+    keywords: tuple[str, ...] = UNFIT_KEYWORDS
 
 
 @dataclass
@@ -73,8 +100,11 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def decide(text: str | None, pool: RougeFilter, seen: set[str], s: SelfInstructSettings) -> tuple[str | None, float, int | None]:
-    """``(reject_reason or None, max ROUGE-L, index of the closest pool prompt)`` for one candidate."""
+def decide(
+    text: str | None, pool: RougeFilter, seen: set[str], s: SelfInstructSettings, keywords: re.Pattern | None = None
+) -> tuple[str | None, float, int | None]:
+    """``(reject_reason or None, max ROUGE-L, index of the closest pool prompt)`` for one candidate;
+    ``keywords`` is :func:`keyword_pattern` of the filtered words (None: no keyword filter)."""
     if text is None:
         return "parse_failed", 0.0, None
     words = len(text.split())
@@ -82,6 +112,8 @@ def decide(text: str | None, pool: RougeFilter, seen: set[str], s: SelfInstructS
         return "too_short", 0.0, None
     if words > s.max_words:
         return "too_long", 0.0, None
+    if unfit_keyword(text, keywords) is not None:
+        return "keyword", 0.0, None
     if _norm(text) in seen:
         return "duplicate", 1.0, None
     score, idx = pool.max_score(text)
@@ -102,6 +134,7 @@ def run_self_instruct(
         raise ValueError("self_instruct needs at least one seed prompt")
     t0 = time.monotonic()
     template = load_template(settings.template)
+    keywords = keyword_pattern(settings.keywords) if settings.keyword_filter else None
     pool = RougeFilter(settings.rouge_threshold, seed_prompts)
     pool_texts = list(seed_prompts)  # same order as the filter's pool (its .texts is a copy)
     seen = {_norm(p) for p in seed_prompts}
@@ -147,7 +180,7 @@ def run_self_instruct(
                 sample = res.samples[0]
                 stats.tokens += sample.completion_tokens
                 text = parse_instruction(sample.text, number=len(shots_of[res.request.id]) + 1)
-                reason, score, idx = decide(text, pool, seen, settings)
+                reason, score, idx = decide(text, pool, seen, settings, keywords)
                 if reason is None and stats.kept >= settings.num_prompts:
                     reason = "surplus"
                 rec = {

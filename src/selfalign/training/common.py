@@ -45,8 +45,9 @@ def resolve_bf16(setting: str | bool, *, lora: bool) -> bool:
     return cpu_has_native_bf16()
 
 
-def load_model(model_dir: Path):
-    """Load a causal LM from a local directory in float32 (the trainable master copy)."""
+def load_model(model_dir: Path, dropout: float | None = None):
+    """Load a causal LM from a local directory in float32 (the trainable master copy);
+    ``dropout`` (not None) is set in every dropout site (:func:`set_dropout`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -55,9 +56,39 @@ def load_model(model_dir: Path):
         raise ModelError(f"{model_dir}: not a model directory (no config.json)")
     try:
         # safetensors only (never unpickle a .bin file); no remote code
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     except Exception as e:
         raise ModelError(f"could not load the model in {model_dir}: {type(e).__name__}: {e}") from None
+    if dropout is not None:
+        set_dropout(model, dropout)
+    return model
+
+
+# dropout probabilities in transformers' model configs (Llama/SmolLM2: attention_dropout; GPT-2 style: *_pdrop)
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                       "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
+
+
+def set_dropout(model, p: float) -> int:
+    """Set dropout probability ``p`` everywhere ``model`` has one: its config's dropout keys, every
+    ``nn.Dropout`` and every attention module's ``attention_dropout`` (read at forward time). Returns
+    how many sites were set; a model with none raises :class:`ModelError` (the setting would be a no-op)."""
+    import torch
+
+    sites = 0
+    for key in DROPOUT_CONFIG_KEYS:
+        if isinstance(getattr(model.config, key, None), (int, float)):
+            setattr(model.config, key, p)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+            sites += 1
+        elif isinstance(getattr(module, "attention_dropout", None), (int, float)) and not isinstance(module, type(model)):
+            module.attention_dropout = p
+            sites += 1
+    if not sites:
+        raise ModelError(f"training dropout: {type(model).__name__} has no dropout site to set (unset settings.dropout)")
+    return sites
 
 
 def load_tokenizer(model_dir: Path):
@@ -104,6 +135,10 @@ def trainer_kwargs(settings: TrainSettings, ckpt_dir: Path, bf16: bool, report_t
     scheduler = settings.lr_scheduler
     if scheduler == "constant" and settings.warmup_ratio > 0:
         scheduler = "constant_with_warmup"
+    min_lr = getattr(settings, "min_learning_rate", None)
+    extra: dict[str, Any] = {}
+    if min_lr is not None:  # cosine down to min_lr (validated: cosine only)
+        scheduler, extra["lr_scheduler_kwargs"] = "cosine_with_min_lr", {"min_lr": min_lr}
     return dict(
         output_dir=str(ckpt_dir),
         learning_rate=settings.learning_rate,
@@ -137,6 +172,7 @@ def trainer_kwargs(settings: TrainSettings, ckpt_dir: Path, bf16: bool, report_t
         dataloader_pin_memory=False,
         disable_tqdm=True,
         remove_unused_columns=True,
+        **extra,
     )
 
 

@@ -54,6 +54,16 @@ class TrainSettings(StrictModel):
     max_length: int = Field(1024, ge=8, description="tokens of prompt + response; longer sequences are cut at the end")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the steps spent warming up the learning rate")
     lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    min_learning_rate: float | None = Field(
+        None, ge=0.0,
+        description="cosine only: decay to this learning rate instead of 0 (Self-Rewarding: SFT 5.5e-6 -> 1.1e-6, DPO 1e-6 -> 1e-7)",
+    )
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="train with this dropout probability in every dropout site of the model (attention_dropout, "
+        "hidden/residual dropout...; Self-Rewarding: 0.1); null keeps the model's own (SmolLM2 and Llama: 0), "
+        "and DPO then turns dropout off as TRL does by default",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
@@ -63,6 +73,15 @@ class TrainSettings(StrictModel):
     logging_steps: int = Field(1, ge=1)
     save_dtype: Literal["float32", "bfloat16", "float16", "source"] = "float32"
     lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _min_lr(self) -> TrainSettings:
+        if self.min_learning_rate is not None:
+            if self.lr_scheduler != "cosine":
+                raise ValueError("min_learning_rate needs lr_scheduler: cosine (transformers' cosine_with_min_lr)")
+            if self.min_learning_rate >= self.learning_rate:
+                raise ValueError("min_learning_rate must be below learning_rate")
+        return self
 
 
 class SFTSettings(TrainSettings):

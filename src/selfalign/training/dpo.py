@@ -238,7 +238,7 @@ def build_dpo_trainer(
         label_smoothing=settings.label_smoothing,
         precompute_ref_log_probs=settings.precompute_ref_log_probs,
         precompute_ref_batch_size=max(settings.per_device_batch_size, 8),
-        disable_dropout=True,
+        disable_dropout=settings.dropout is None,  # training.dropout set: keep it on (TRL turns it off by default)
     )
     tokenizer = load_tokenizer(model_dir)
     check_prompt_lengths(tokenizer, data, "DPO", settings.max_length, log)
@@ -247,7 +247,7 @@ def build_dpo_trainer(
     if ref_model_dir is not None and Path(ref_model_dir).resolve() != Path(model_dir).resolve():
         ref_model = load_model(Path(ref_model_dir))
     trainer = _dpo_trainer_class()(
-        model=load_model(model_dir),
+        model=load_model(model_dir, dropout=settings.dropout),
         ref_model=ref_model,
         args=args,
         train_dataset=training_dataset(data, args, ckpt_dir),

@@ -102,7 +102,7 @@ def build_sft_trainer(
     tokenizer = load_tokenizer(model_dir)
     check_prompt_lengths(tokenizer, data, "SFT", settings.max_length, log)
     trainer = SFTTrainer(
-        model=load_model(model_dir),
+        model=load_model(model_dir, dropout=settings.dropout),
         args=args,
         train_dataset=Dataset.from_list(data),
         processing_class=tokenizer,
