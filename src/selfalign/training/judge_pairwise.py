@@ -233,7 +233,7 @@ def build_pairwise_trainer(model_dir: Path, units: list[dict], ckpt_dir: Path, s
     if log and dropped:
         log(f"pairwise judge training: {dropped} of {len(units)} units dropped (a judge prompt over max_length "
             f"{settings.max_length} tokens)")
-    model = load_model(model_dir)
+    model = load_model(model_dir, dropout=settings.dropout)
     lora = peft_config(settings.lora)
     if lora is not None:
         from peft import get_peft_model
