@@ -95,7 +95,8 @@ def test_self_instruct_resumes_with_the_next_round_and_the_same_filter(tmp_path,
     the resume starts the next round, and the ROUGE-L/length/duplicate filter replays exactly."""
     from selfalign.data.seeding import load_seed_data
     from selfalign.stages.rouge import RougeFilter
-    from selfalign.stages.self_instruct import SelfInstructSettings, _norm, decide
+    from selfalign.recipes.steps import self_instruct_settings
+    from selfalign.stages.self_instruct import _norm, decide
 
     r, run, rel = rng("self_instruct"), tmp_path / "killed" / "run", f"{IT}/self_instruct.jsonl"
     kills: list = []
@@ -113,7 +114,7 @@ def test_self_instruct_resumes_with_the_next_round_and_the_same_filter(tmp_path,
     assert sum(rec["kept"] for rec in records) == cfg.self_instruct.num_prompts
 
     seed_prompts = load_seed_data(cfg.seed_data).prompts
-    s = SelfInstructSettings(**cfg.self_instruct.model_dump())
+    s = self_instruct_settings(cfg.self_instruct, 0)
     pool, seen, kept = RougeFilter(s.rouge_threshold, seed_prompts), {_norm(p) for p in seed_prompts}, 0
     for rec in records:  # the filter's decisions, replayed over the final file, are the recorded ones
         reason, score, _ = decide(rec["text"], pool, seen, s)

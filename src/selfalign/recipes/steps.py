@@ -97,10 +97,7 @@ def self_instruct_step(stage: Stage, cfg, t: int, engine, seed: SeedData, show_p
                     counts = write_pool_draw(w, si.prompts, si.num_prompts, t, cfg.seed)
                 st.finish(counts)
             else:
-                extra = {"keywords": tuple(si.keywords)} if si.keywords is not None else {}
-                settings = SelfInstructSettings(
-                    **si.model_dump(exclude={"model", "prompts", "keywords"}), **extra, seed=cfg.seed + t
-                )
+                settings = self_instruct_settings(si, cfg.seed + t)
                 with st.writer() as w:
                     stats = run_self_instruct(engine(), seed.prompts, w, settings, show_progress=show_progress)
                 st.finish(stats.as_dict())
@@ -120,6 +117,12 @@ def write_pool_draw(writer: JsonlWriter, pool: str, n: int, t: int, seed: int) -
         writer.write({"id": p.id, "kind": "prompt", "kept": True, "reject_reason": None, "text": p.text,
                       "messages": list(p.messages), "pool": pool, "pool_index": index, "source": p.source})
     return {"candidates": len(drawn), "kept": len(drawn), "rejected": {}, "pool": pool, "pool_draw": [n * (t - 1), n * t]}
+
+
+def self_instruct_settings(si, seed: int) -> SelfInstructSettings:
+    """The stage settings of a run's ``self_instruct`` section (without its role model and pool)."""
+    extra = {"keywords": tuple(si.keywords)} if si.keywords is not None else {}
+    return SelfInstructSettings(**si.model_dump(exclude={"model", "prompts", "keywords"}), **extra, seed=seed)
 
 
 def respond_step(stage: Stage, cfg, t: int, engine, prompts: list[Prompt], show_progress: bool) -> list[dict]:
