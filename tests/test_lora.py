@@ -61,7 +61,7 @@ def test_lora_dpo_references_the_adapter_disabled_base_without_a_second_model(tm
 
     loads: list[Path] = []
     real_load = dpo.load_model
-    monkeypatch.setattr(dpo, "load_model", lambda d: loads.append(Path(d)) or real_load(d))
+    monkeypatch.setattr(dpo, "load_model", lambda d, **kw: loads.append(Path(d)) or real_load(d, **kw))
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
     # the reference is scored at every step here (not precomputed), so it must exist throughout training
     settings = DPOSettings(**{**FAST, "per_device_batch_size": 2}, learning_rate=2e-2, max_steps=3, lr_scheduler="constant",
