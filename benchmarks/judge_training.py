@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_data(args):
     from selfalign.data.oasst import load_oasst
     from selfalign.data.preferences import balance_length, heldout_records, split_trees, units_from_pairwise, units_from_trees
-    from selfalign.eval.judge_agreement import items_from_eft, load_items
+    from selfalign.data.judge_items import items_from_eft, load_items
 
     trees = load_oasst(OASST)
     train_trees, held_trees = split_trees(trees, args.heldout_fraction, args.seed)
@@ -143,7 +143,7 @@ def pointwise_scores(engine, items, work: Path) -> dict:
 
 def pairwise_prefs(engine, items) -> dict:
     """P(better reply wins) per held-out pair from the forced verdict, averaged over both orders."""
-    from selfalign.eval.winrate import pairwise_prompt
+    from selfalign.prompts import pairwise_prompt
 
     pairs = list(held_pairs(items))
     probes = []

@@ -36,7 +36,7 @@ fi
 index=$run_dir/report/index.html
 if [[ "${REBUILD:-0}" == 1 || ! -f "$index" || "$run_dir/manifest.json" -nt "$index" ]]; then
   echo "building the report of $run_dir" >&2
-  "$python" -c 'import sys; from pathlib import Path; from selfalign.eval.report import write_report; print(write_report(Path(sys.argv[1])))' "$run_dir" >&2
+  "$python" -c 'import sys; from pathlib import Path; from selfalign.report.html import write_report; print(write_report(Path(sys.argv[1])))' "$run_dir" >&2
 fi
 
 browser=${CHROMIUM:-}

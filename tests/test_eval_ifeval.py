@@ -252,8 +252,8 @@ def test_iteration_hook_records_ifeval_of_the_start_and_the_trained_model(tmp_pa
     out2 = run_iteration_evals(run, cfg, 2, ["model"], tiny_model_dir, tiny_model_dir, [], logs.append, False)
     assert "ifeval_start_prompt_level_strict" not in out2 and "ifeval_prompt_level_strict" in out2
 
-    from selfalign.eval.ifeval_plot import ifeval_across_iterations, series_from_metrics
-    from selfalign.report import iteration_table
+    from selfalign.report.trend_plots import ifeval_across_iterations, series_from_metrics
+    from selfalign.report.tables import iteration_table
 
     metrics = [dict(out, iteration=1), dict(out2, iteration=2)]
     xs, points = series_from_metrics(["iter 1", "iter 2"], metrics)
@@ -268,7 +268,7 @@ def test_iteration_hook_records_ifeval_of_the_start_and_the_trained_model(tmp_pa
     assert "IFEval of the starting model" not in text
     start_cell = text.splitlines()[[i for i, ln in enumerate(text.splitlines()) if "IFEval prompt-level strict" in ln][0]]
     assert start_cell.count(f"{out['ifeval_start_prompt_level_strict']:.3g}") >= 1
-    from selfalign.eval.report import write_report
+    from selfalign.report.html import write_report
 
     for t, m in zip((1, 2), metrics):
         (run.root / f"iter_{t}").mkdir(exist_ok=True)

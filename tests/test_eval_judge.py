@@ -13,16 +13,8 @@ from typer.testing import CliRunner
 
 from selfalign.cli import app
 from selfalign.errors import DataError, RunError
-from selfalign.eval.judge_agreement import (
-    ItemList,
-    evaluate_judge,
-    items_from_eft,
-    items_from_oasst,
-    items_from_pairwise,
-    load_items,
-    responses_for,
-    summarize,
-)
+from selfalign.data.judge_items import ItemList, items_from_eft, items_from_oasst, items_from_pairwise, load_items
+from selfalign.eval.judge_agreement import evaluate_judge, responses_for, summarize
 
 # --------------------------------------------------------------------------- data
 

@@ -335,7 +335,7 @@ def test_downsampling_cuts_the_over_represented_score_to_the_next_count():
 
 def test_file_eft_keeps_ranks_for_eval_judge_and_its_heldout_prompts_leave_ift(tmp_path):
     from selfalign.data.seeding import load_seed_data
-    from selfalign.eval.judge_agreement import items_from_eft
+    from selfalign.data.judge_items import items_from_eft
     from selfalign.recipes.config import SeedDataConfig
 
     eft = tmp_path / "eft.jsonl"

@@ -122,7 +122,7 @@ def test_seed_model_with_the_pairwise_objective(tmp_path, tiny_model_dir):
     on the preference units; M1 generates and judges like any model, and a rerun redoes nothing."""
     from conftest import shared_file
 
-    from selfalign.cli import _default_recipe_config
+    from selfalign.cli.run_cmd import default_recipe_config as _default_recipe_config
     from selfalign.config import EngineConfig, ModelConfig, load_config
     from selfalign.engines import create_engine
     from selfalign.engines.base import GenerationRequest, SamplingParams

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from selfalign.eval.judge_agreement import summarize, summary_table
+from selfalign.eval.judge_agreement import summarize
+from selfalign.report.eval_tables import judge_table as summary_table
 from selfalign.eval.length_balance import five_best, length_balanced_metrics, per_item_counts
 
 # item A: three replies, lengths 10 / 5 / 20 for ranks 0 / 1 / 2; item B: two replies of equal length

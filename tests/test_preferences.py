@@ -19,7 +19,8 @@ from selfalign.data.preferences import (
     units_from_pairwise,
     units_from_trees,
 )
-from selfalign.eval.judge_agreement import evaluate_judge, items_from_eft, items_from_pairwise
+from selfalign.data.judge_items import items_from_eft, items_from_pairwise
+from selfalign.eval.judge_agreement import evaluate_judge
 from selfalign.engines.base import Engine
 from selfalign.stages.judge import LLMJudge
 

@@ -45,7 +45,7 @@ TINY = [
 
 
 def _cfg(tmp_path, *extra):
-    from selfalign.cli import _default_recipe_config
+    from selfalign.cli.run_cmd import default_recipe_config as _default_recipe_config
 
     return load_config(SelfRewardingConfig, _default_recipe_config(), [f"runs_dir={tmp_path}", "name=tiny", *TINY, *extra])
 

@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from selfalign.errors import RunError
-from selfalign.eval.report import write_report
+from selfalign.report.html import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -256,7 +256,7 @@ def test_report_partial_runs(tmp_path, run_dir):
     (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": [
         {"loss": 0.69, "rewards/margins": 0.01, "step": 2}, {"loss": 0.66, "rewards/margins": 0.05, "step": 4}]}))
     write_report(run_dir)
-    from selfalign.eval.report import load_run
+    from selfalign.report.rundata import load_run
 
     assert [label for label, _, _ in load_run(run_dir).trainings] == ["iter 1", "iter 2 (in progress)"]
     # a later, smaller report removes the figures that no longer apply
@@ -347,17 +347,17 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 def test_plots_draw_edge_cases():
     """Scores off the 0-5 rubric (a reward model), single points, empty inputs, hostile labels."""
-    from selfalign.eval import plots
+    from selfalign.report import plots, trend_plots
 
     png = plots.score_distribution(["iter 1", "iter 2"], [[-3.2, 0.5, 7.9], [1.0, 2.0]], [[-3.2, 7.9], []])
     assert png[:8] == PNG_MAGIC
     assert plots.score_distribution([], [], []) is None
     assert plots.pairs_breakdown(["iter 1"], [None], [{}]) is None
-    assert plots.training_curves([("x", [{"train_runtime": 1.0}])]) is None
-    assert plots.winrates([("w", {"wins": 0, "ties": 0, "losses": 0})]) is None
-    assert plots.judge_agreement([("j", {"metrics": "broken"})]) is None
-    assert plots.histograms("$bad{", ["iter $1"], [{"$": 2, "a_b": 1}])[:8] == PNG_MAGIC
-    assert plots.trends(["iter 1", "iter 2"], {"m$": [1, None]})[:8] == PNG_MAGIC
+    assert trend_plots.training_curves([("x", [{"train_runtime": 1.0}])]) is None
+    assert trend_plots.winrates([("w", {"wins": 0, "ties": 0, "losses": 0})]) is None
+    assert trend_plots.judge_agreement([("j", {"metrics": "broken"})]) is None
+    assert trend_plots.histograms("$bad{", ["iter $1"], [{"$": 2, "a_b": 1}])[:8] == PNG_MAGIC
+    assert trend_plots.trends(["iter 1", "iter 2"], {"m$": [1, None]})[:8] == PNG_MAGIC
 
 
 def test_report_evaluations_outside_the_run(run_dir, tmp_path):

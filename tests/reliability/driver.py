@@ -302,7 +302,7 @@ def seed_sft(run_dir: Path, model: Path) -> dict:
 
 def report(run_dir: Path) -> dict:
     """``selfalign report``'s writer on a Self-Rewarding run (built first when absent)."""
-    from selfalign.eval.report import write_report
+    from selfalign.report.html import write_report
 
     self_rewarding_iteration(run_dir)
     return {"index": str(write_report(run_dir))}
@@ -535,7 +535,7 @@ def install_hook(hook: dict, stack: ExitStack) -> None:
     if kind == "report_write":
         import tempfile
 
-        import selfalign.eval.report as report_mod
+        import selfalign.report.html as report_mod
 
         real_write, calls = report_mod._atomic_write_bytes, {"n": 0}
 

@@ -237,7 +237,7 @@ def test_report_is_never_half_written(tmp_path, crash_table):
     """Killed inside a figure of the first report, and inside index.html of a later one: a
     reader sees no page or the previous page, never half of one; the rerun leaves no
     temporary files and draws the same figures as an uninterrupted run."""
-    from selfalign.eval.report import write_report
+    from selfalign.report.html import write_report
 
     r, run, ref = rng("report"), tmp_path / "killed" / "run", tmp_path / "ref" / "run"
     driver.run_scenario("report", ref)

@@ -171,7 +171,7 @@ def pointwise_records(units: Iterable[dict], *, low: int = TARGET_LOW, high: int
 def pairwise_examples(units: Iterable[dict], template: str = "pairwise_brief") -> list[dict]:
     """Two SFT chat examples per unit: the pairwise judge prompt with the preferred reply shown
     first (target ``Winner: A``) and shown second (``Winner: B``), so position carries no signal."""
-    from selfalign.eval.winrate import pairwise_prompt
+    from selfalign.prompts import pairwise_prompt
 
     out = []
     for u in units:

@@ -210,7 +210,7 @@ def _ranked_seed_data(cfg, ift: list[dict], dropped: dict) -> SeedData:
     from selfalign.data.preferences import (
         PreferenceSet, balance_length, heldout_records, pairwise_examples, pointwise_records, split_trees, units_from_pairwise, units_from_trees,
     )
-    from selfalign.eval.judge_agreement import load_items
+    from selfalign.data.judge_items import load_items
 
     path = cfg.eft.removeprefix("oasst:")
     if not Path(path).is_file():

@@ -4,22 +4,15 @@ A judge model compares the two responses to each prompt. Every pair is judged **
 with A's response shown first (``order = "a_first"``) and once with B's shown first
 (``"b_first"``), because LLM judges tend to prefer whatever is shown in one position.
 
-Per item (:func:`combine_orders`):
-
-* both orders parsed and name the **same underlying model** -> a win (or loss) for A;
-* both parsed but they disagree (the judge followed the position, not the content) -> a tie;
-* either order has no verdict (a parse failure) -> a tie, counted in ``unparsed``.
+How the two orders of an item combine into a win, tie or loss, the rates, the bootstrap interval
+and the position-bias figures are in :mod:`selfalign.eval.winrate_stats`; the two sides (model
+specs, run iterations, outputs files) in :mod:`selfalign.eval.winrate_sides`.
 
 Unparsed items are ties rather than being dropped so that ``n`` is always the number of
 prompts, and two win rates on the same prompt set have the same denominator whatever the judge
 managed to parse; ``win_rate_parsed`` gives the rate over fully parsed items as well.
 
-Win rate (:func:`win_rate`) = ``(wins + 0.5 * ties) / n``; the strict rate is ``wins / n``.
-The 95% interval (:func:`bootstrap_ci`) resamples items with replacement (percentile
-bootstrap, numpy, seeded). Position bias (:func:`first_position_share`): among single
-judgments with a verdict, the share that picked the response shown first (0.5 = no bias);
-:func:`order_disagreement`: among items with both verdicts, the share whose two orders
-disagree.
+Win rate = ``(wins + 0.5 * ties) / n``; the strict rate is ``wins / n``.
 
 Verdicts: ``"sampled"`` reads the judge's last ``Winner: A|B`` line with
 :func:`selfalign.stages.meta_judge.parse_verdict` (no tie verdict exists; ``Winner: Tie`` is a
@@ -41,33 +34,35 @@ and the judge fingerprint) and ``summary.json``. Public API: :func:`winrate`,
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 
-from selfalign.config import EngineConfig, GenerationConfig, ModelConfig, config_hash
+from selfalign.config import EngineConfig, ModelConfig, config_hash
 from selfalign.data.prompts import Prompt, load_prompts
-from selfalign.data.records import (
-    read_json_list,
-    JsonlWriter,
-    atomic_write_json,
-    done_marker_path,
-    is_done,
-    read_jsonl,
-    record_id,
-)
+from selfalign.data.records import JsonlWriter, atomic_write_json, read_jsonl, record_id
 from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
 from selfalign.errors import ConfigError, DataError, EngineError, RunError
+from selfalign.eval.winrate_sides import Outputs, Side, as_outputs, generate_outputs, load_outputs, resolve_side, write_outputs
+from selfalign.eval.winrate_stats import (
+    CONVENTION,
+    ORDERS,
+    ItemResult,
+    bootstrap_ci,
+    combine_orders,
+    first_position_share,
+    item_scores,
+    order_disagreement,
+    position_to_model,
+    strict_win_rate,
+    win_rate,
+)
 from selfalign.progress import generation_progress
-from selfalign.prompts import Template, load_template, validate_template
+from selfalign.prompts import PAIRWISE_VARIABLES, Template, pairwise_prompt, pairwise_template
 from selfalign.stages.meta_judge import ParsedVerdict, parse_verdict
 
 __all__ = [
@@ -92,355 +87,11 @@ __all__ = [
     "winrate",
 ]
 
-PAIRWISE_VARIABLES = frozenset({"instruction", "response_a", "response_b"})
-ORDERS = ("a_first", "b_first")
 VERDICTS = ("sampled", "forced")  # how a verdict is read
 VERDICT_CHOICES = ("auto", *VERDICTS)  # what a caller may ask for: auto = forced where the judge has token probabilities
 UNPARSED_WARN_SHARE = 0.5  # warn when more than this share of the single judgments has no verdict
-CONVENTION = "win_rate = (wins + 0.5 * ties) / n; strict_win_rate = wins / n; unparsed items count as ties"
 
 _log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- pure logic
-class ItemResult(NamedTuple):
-    """An item's outcome for model A (``"win" | "tie" | "loss"``) and why
-    (``"agree" | "disagree" | "unparsed"``)."""
-
-    outcome: str
-    status: str
-
-
-def position_to_model(position: str | None, order: str) -> str | None:
-    """The model (``"a"``/``"b"``) behind a shown label (``"A"`` = first shown) in ``order``."""
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if position is None:
-        return None
-    if position not in ("A", "B"):
-        raise ValueError(f"position must be 'A', 'B' or None, got {position!r}")
-    first, second = ("a", "b") if order == "a_first" else ("b", "a")
-    return first if position == "A" else second
-
-
-def combine_orders(a_first: str | None, b_first: str | None) -> ItemResult:
-    """Combine the winners (``"a"``, ``"b"`` or None for no verdict) of the two orders.
-
-    A win or loss only when both orders name the same model; otherwise a tie, marked
-    ``"disagree"`` (both parsed) or ``"unparsed"`` (either missing).
-    """
-    for w in (a_first, b_first):
-        if w not in ("a", "b", None):
-            raise ValueError(f"winner must be 'a', 'b' or None, got {w!r}")
-    if a_first is None or b_first is None:
-        return ItemResult("tie", "unparsed")
-    if a_first != b_first:
-        return ItemResult("tie", "disagree")
-    return ItemResult("win" if a_first == "a" else "loss", "agree")
-
-
-_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-
-
-def item_scores(outcomes: Iterable[str | ItemResult]) -> np.ndarray:
-    """1 / 0.5 / 0 per win / tie / loss."""
-    out = []
-    for o in outcomes:
-        key = o.outcome if isinstance(o, ItemResult) else o
-        if key not in _SCORE:
-            raise ValueError(f"outcome must be win, tie or loss, got {key!r}")
-        out.append(_SCORE[key])
-    return np.asarray(out, dtype=float)
-
-
-def win_rate(outcomes: Iterable[str | ItemResult]) -> float | None:
-    """``(wins + 0.5 * ties) / n``; None when there are no items."""
-    s = item_scores(outcomes)
-    return float(s.mean()) if s.size else None
-
-
-def strict_win_rate(outcomes: Iterable[str | ItemResult]) -> float | None:
-    """``wins / n``; None when there are no items."""
-    s = item_scores(outcomes)
-    return float((s == 1.0).mean()) if s.size else None
-
-
-def bootstrap_ci(
-    scores: Sequence[float] | np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean of ``scores`` (items resampled with
-    replacement, ``resamples`` times, ``numpy.random.default_rng(seed)``). None without items."""
-    if resamples < 1 or not 0 < level < 1:
-        raise ValueError("need resamples >= 1 and 0 < level < 1")
-    x = np.asarray(scores, dtype=float)
-    if x.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    step = max(1, 2_000_000 // x.size)  # bound memory for large item counts
-    for start in range(0, resamples, step):
-        k = min(step, resamples - start)
-        means[start : start + k] = x[rng.integers(0, x.size, size=(k, x.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-
-def first_position_share(positions: Iterable[str | None]) -> float | None:
-    """Share of the verdicts (``"A"`` = first shown, ``"B"``; None skipped) that picked the
-    first-shown response. 0.5 means no position preference; None without verdicts."""
-    c = Counter(p for p in positions if p is not None)
-    bad = set(c) - {"A", "B"}
-    if bad:
-        raise ValueError(f"positions must be 'A', 'B' or None, got {sorted(bad)}")
-    total = c["A"] + c["B"]
-    return c["A"] / total if total else None
-
-
-def order_disagreement(results: Iterable[ItemResult]) -> float | None:
-    """Among items whose two orders both have a verdict, the share where they disagree."""
-    st = Counter(r.status for r in results)
-    parsed = st["agree"] + st["disagree"]
-    return st["disagree"] / parsed if parsed else None
-
-
-# ---------------------------------------------------------------- the judge prompt
-_FENCE = re.compile(r"<(\s*/?\s*)(question|instruction|response(?:[ _-]?[ab12])?|answer(?:[ _-]?[ab12])?)(\s*)>", re.IGNORECASE)
-
-
-def _defuse(text: str) -> str:
-    """Swap the angle brackets of fence-like tags in a text for look-alikes, so a response
-    cannot close its own block and pose as the template."""
-    return _FENCE.sub(lambda m: f"\u2039{m.group(1)}{m.group(2)}{m.group(3)}\u203a", text)
-
-
-def _template(template: Template | str) -> Template:
-    tpl = template if isinstance(template, Template) else load_template(template)
-    validate_template(tpl, PAIRWISE_VARIABLES, PAIRWISE_VARIABLES)
-    return tpl
-
-
-def pairwise_prompt(template: Template | str, instruction: str, response_a: str, response_b: str) -> str:
-    """The judge prompt showing ``response_a`` first (as A) and ``response_b`` second (as B).
-
-    ``template``: a Template, a built-in name (``"pairwise"``) or a file path; it must use
-    exactly ``instruction``, ``response_a`` and ``response_b``."""
-    return _template(template).render(
-        instruction=_defuse(instruction), response_a=_defuse(response_a), response_b=_defuse(response_b)
-    )
-
-
-# ---------------------------------------------------------------- sides: models, runs, outputs files
-@dataclass(frozen=True)
-class Side:
-    """One side of the comparison: ``kind`` is ``"model"`` (``target`` is a model spec) or
-    ``"outputs"`` (``target`` is a JSON/JSONL file of precomputed outputs)."""
-
-    spec: str
-    kind: str
-    target: str
-    slug: str
-
-    @property
-    def label(self) -> str:
-        return self.spec
-
-
-_RUN_SPEC = re.compile(r"^(?P<run>.+):(?P<stage>iter_\d+|\d+|sft)$")
-_OUTPUT_SUFFIXES = (".json", ".jsonl")
-
-
-def _slugify(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "model"
-
-
-def _run_models(run: Path) -> list[str]:
-    names = [p.parent.name for p in run.glob("*/model") if p.is_dir()]
-    return sorted(names, key=lambda n: (n != "sft", int(n[5:]) if n[5:].isdigit() else 0, n))
-
-
-def resolve_side(spec: str) -> Side:
-    """What a ``--a``/``--b`` value names.
-
-    * ``*.json``/``*.jsonl``: precomputed outputs (the file must exist);
-    * ``RUN:iter_N`` (or ``RUN:N``) and ``RUN:sft``: the model a recipe run trained,
-      ``RUN/iter_N/model`` or ``RUN/sft/model`` (RunError naming the models the run has when it
-      is missing);
-    * anything else: a model spec (local dir, ``.gguf``, hub id, ``smollm2-135m-instruct``).
-    """
-    spec = str(spec).strip()
-    if not spec:
-        raise ConfigError("empty model/outputs spec")
-    path = Path(spec).expanduser()
-    if spec.lower().endswith(_OUTPUT_SUFFIXES):
-        if not path.is_file():
-            raise DataError(f"outputs file not found: {path}")
-        return Side(spec, "outputs", str(path), _slugify(path.stem))
-    m = _RUN_SPEC.match(spec)
-    if m and not path.exists():
-        run = Path(m["run"]).expanduser()
-        stage = m["stage"] if not m["stage"].isdigit() else f"iter_{m['stage']}"
-        model = run / stage / "model"
-        if not run.is_dir():
-            raise RunError(f"{spec}: run directory {run} not found")
-        if not model.is_dir():
-            have = _run_models(run)
-            listed = ", ".join(f"{spec.rsplit(':', 1)[0]}:{n}" for n in have) or "none yet"
-            raise RunError(f"{spec}: {model} does not exist (trained models in {run}: {listed})")
-        return Side(spec, "model", str(model), _slugify(f"{run.name}_{stage}"))
-    if path.is_dir():
-        parts = path.resolve().parts
-        slug = "_".join(parts[-3:-1]) if path.name == "model" and len(parts) >= 3 else path.name
-        return Side(spec, "model", spec, _slugify(slug))
-    if path.suffix == ".gguf":
-        return Side(spec, "model", spec, _slugify(path.stem))
-    return Side(spec, "model", spec, _slugify(spec))
-
-
-# ---------------------------------------------------------------- outputs
-@dataclass
-class Outputs:
-    """One side's responses, aligned with the prompt list; ``tokens`` (completion tokens per
-    response) only when generated here."""
-
-    label: str
-    texts: list[str]
-    tokens: list[int] | None = None
-    source: str | None = None
-
-
-def _as_outputs(x: Outputs | Sequence[str] | Mapping[str, str], prompts: Sequence[Prompt], default_label: str) -> Outputs:
-    if isinstance(x, Outputs):
-        out = x
-    elif isinstance(x, Mapping):
-        missing = [p.id for p in prompts if p.id not in x]
-        if missing:
-            raise DataError(f"{default_label}: no output for {len(missing)} of {len(prompts)} prompt ids (first: {missing[0]!r})")
-        out = Outputs(default_label, [str(x[p.id]) for p in prompts])
-    elif isinstance(x, (str, bytes)):
-        raise TypeError("outputs must be an Outputs, a list of texts or a mapping prompt id -> text")
-    else:
-        out = Outputs(default_label, [str(t) for t in x])
-    if len(out.texts) != len(prompts) or (out.tokens is not None and len(out.tokens) != len(prompts)):
-        raise DataError(f"{out.label}: {len(out.texts)} outputs for {len(prompts)} prompts")
-    return out
-
-
-def _output_items(path: Path) -> Iterable[tuple[str, object]]:
-    if path.suffix.lower() == ".json":
-        data = read_json_list(path, "outputs")
-        for i, item in enumerate(data):
-            yield f"{path}: item {i}", item
-        return
-    for i, item in enumerate(read_jsonl(path, unique_ids=False), start=1):
-        yield f"{path}: record {i}", item
-
-
-def _record_text(item: dict) -> str | None:
-    for key in ("instruction", "prompt"):
-        if isinstance(item.get(key), str):
-            return item[key]
-    msgs = item.get("messages")
-    if isinstance(msgs, list):
-        users = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
-        if users and isinstance(users[-1], str):
-            return users[-1]
-    turns = item.get("turns")
-    if isinstance(turns, list) and turns and isinstance(turns[0], str):
-        return turns[0]
-    return None
-
-
-def load_outputs(path: str | Path, prompts: Sequence[Prompt], *, label: str | None = None) -> Outputs:
-    """Precomputed outputs for ``prompts`` from a JSONL or JSON-list file.
-
-    Each record holds the request (``instruction``, ``prompt``, ``messages`` - last user turn -
-    or ``turns`` - first) and the response (``output`` or ``response``); AlpacaEval's
-    ``[{dataset, instruction, output, generator}]`` and ``selfalign generate`` outputs both fit.
-    Matched to prompts by request text, exact after stripping whitespace; the first record of a
-    repeated text wins. DataError naming the file for a malformed record or a prompt without
-    an output.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"outputs file not found: {path}")
-    by_text: dict[str, str] = {}
-    for where, item in _output_items(path):
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-        text = _record_text(item)
-        out = item.get("output", item.get("response"))
-        if text is None:
-            raise DataError(f"{where}: no request text (needs 'instruction', 'prompt', 'messages' or 'turns')")
-        if not isinstance(out, str):
-            got = "missing" if out is None else f"a {type(out).__name__}"
-            raise DataError(f"{where}: 'output' (or 'response') must be a string, got {got}")
-        by_text.setdefault(text.strip(), out)
-    texts, missing = [], []
-    for p in prompts:
-        t = by_text.get(p.text.strip())
-        if t is None:
-            missing.append(p)
-        texts.append(t or "")
-    if missing:
-        first = missing[0].text.strip().replace("\n", " ")
-        first = first if len(first) <= 80 else first[:77] + "..."
-        raise DataError(
-            f"{path}: no output for {len(missing)} of {len(prompts)} prompts (matched by instruction text, "
-            f"exact after stripping whitespace); first missing: {first!r} ({missing[0].source})"
-        )
-    return Outputs(label or str(path), texts, None, str(path))
-
-
-def generate_outputs(
-    engine: Engine,
-    prompts: Sequence[Prompt],
-    out_path: str | Path,
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    seed: int = 0,
-    label: str | None = None,
-    show_progress: bool = True,
-) -> Outputs:
-    """One response per prompt with ``engine`` through the ``generate`` stage (resumable
-    JSONL at ``out_path``), read back in prompt order with completion token counts."""
-    from selfalign.stages.generate import run_generate
-
-    out_path = Path(out_path)
-    wanted = {p.id for p in prompts}
-    if out_path.exists():
-        have = {r.get("prompt_id") for r in read_jsonl(out_path, allow_torn_tail=True)}
-        done = is_done(out_path)
-        if have - wanted and not (done and wanted <= have):
-            raise RunError(
-                f"{out_path}: holds responses to other prompts (another --prompts or --limit, not finished or not "
-                f"covering these); finish that run with its own prompts, or delete the file or choose another --out"
-            )
-        if done and not wanted <= have:
-            done_marker_path(out_path).unlink()  # complete for a smaller prompt set: continue it
-    gen = GenerationConfig(n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    run_generate(engine, prompts, out_path, gen, show_progress=show_progress)
-    by_prompt: dict[str, dict] = {}
-    for r in read_jsonl(out_path):
-        if r.get("prompt_id") in wanted:
-            by_prompt[r["prompt_id"]] = r
-    texts = [by_prompt[p.id]["response"] for p in prompts]
-    tokens = [int(by_prompt[p.id].get("completion_tokens") or 0) for p in prompts]
-    return Outputs(label or str(engine.describe().get("model", engine.name)), texts, tokens, str(out_path))
-
-
-def _write_outputs(path: Path, prompts: Sequence[Prompt], outs: Outputs) -> None:
-    """A copy of precomputed outputs in the generate layout (for the record of what was judged)."""
-    records = [
-        json.dumps({"id": record_id("output", p.id, t), "kind": "response", "prompt_id": p.id, "messages": list(p.messages),
-                    "response": t, "source": outs.source}, ensure_ascii=False)
-        for p, t in zip(prompts, outs.texts)
-    ]
-    from selfalign.data.records import atomic_write_text
-
-    atomic_write_text(path, "".join(r + "\n" for r in records))
 
 
 # ---------------------------------------------------------------- judging
@@ -585,9 +236,9 @@ def winrate(
     prompts = list(prompts)
     if not prompts:
         raise DataError("no prompts to compare on")
-    a = _as_outputs(a_outputs, prompts, "A")
-    b = _as_outputs(b_outputs, prompts, "B")
-    tpl = _template(template)
+    a = as_outputs(a_outputs, prompts, "A")
+    b = as_outputs(b_outputs, prompts, "B")
+    tpl = pairwise_template(template)
     fp = judge_fingerprint(tpl, verdict, max_new_tokens, temperature, top_p, seed, judge_engine)
     fph = config_hash(fp)
     out_dir = Path(out_dir)
@@ -755,7 +406,7 @@ def run_winrate(
             raise ConfigError(f"{name} must be hf or openai, got {kind!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
-    _template(template)  # fail on a bad template before any generation
+    pairwise_template(template)  # fail on a bad template before any generation
     sa, sb = resolve_side(a), resolve_side(b)
     prompts = load_prompts(prompts_path, limit=limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(sa, sb)
@@ -786,7 +437,7 @@ def run_winrate(
             path = out / f"outputs_{role}.jsonl"
             if side.kind == "outputs":
                 outs[role] = load_outputs(side.target, prompts, label=side.label)
-                _write_outputs(path, prompts, outs[role])
+                write_outputs(path, prompts, outs[role])
             else:
                 key = (side.target, engine, base_url)
                 log(f"generating {role.upper()} = {side.label} on {len(prompts)} prompts -> {path}")

@@ -239,3 +239,32 @@ def backtranslate_prompt(template: Template | str | os.PathLike[str], output: st
     tpl = _as_template(template)
     validate_template(tpl, BACKTRANSLATE_VARIABLES, BACKTRANSLATE_VARIABLES)
     return tpl.render(output=_defuse(str(output).strip()))
+
+
+# the pairwise judge (``pairwise``, ``pairwise_brief``): selfalign eval winrate and pairwise EFT units
+PAIRWISE_VARIABLES = frozenset({"instruction", "response_a", "response_b"})
+_PAIRWISE_FENCE = re.compile(r"<(\s*/?\s*)(question|instruction|response(?:[ _-]?[ab12])?|answer(?:[ _-]?[ab12])?)(\s*)>", re.IGNORECASE)
+
+
+def _defuse_pairwise(text: str) -> str:
+    """Swap the angle brackets of fence-like tags in a text for look-alikes, so a response
+    cannot close its own block and pose as the template."""
+    return _PAIRWISE_FENCE.sub(lambda m: f"\u2039{m.group(1)}{m.group(2)}{m.group(3)}\u203a", text)
+
+
+def pairwise_template(template: Template | str) -> Template:
+    """The pairwise judge template (built-in name, file or Template), checked to use exactly its three variables."""
+    tpl = template if isinstance(template, Template) else load_template(template)
+    validate_template(tpl, PAIRWISE_VARIABLES, PAIRWISE_VARIABLES)
+    return tpl
+
+
+def pairwise_prompt(template: Template | str, instruction: str, response_a: str, response_b: str) -> str:
+    """The judge prompt showing ``response_a`` first (as A) and ``response_b`` second (as B).
+
+    ``template``: a Template, a built-in name (``"pairwise"``) or a file path; it must use
+    exactly ``instruction``, ``response_a`` and ``response_b``."""
+    return pairwise_template(template).render(
+        instruction=_defuse_pairwise(instruction), response_a=_defuse_pairwise(response_a),
+        response_b=_defuse_pairwise(response_b)
+    )

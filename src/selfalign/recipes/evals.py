@@ -70,7 +70,8 @@ def _relative(path: Path, root: Path) -> str:
 
 def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_progress, name: str | None = None,
                 label: str | None = None) -> dict:
-    from selfalign.eval.judge_agreement import evaluate_judge, items_from_eft
+    from selfalign.data.judge_items import items_from_eft
+    from selfalign.eval.judge_agreement import evaluate_judge
     from selfalign.recipes.steps import GenerationModel
 
     it = name or f"iter_{t}"

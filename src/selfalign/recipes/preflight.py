@@ -134,7 +134,7 @@ def _check_judge_eval(cfg, seed) -> None:
         )
     if sd.eft.startswith("oasst:") and sd.eft_targets == "agree":
         return  # held-out OpenAssistant groups: ranked by construction (recipes/seed_eft.py)
-    from selfalign.eval.judge_agreement import items_from_eft
+    from selfalign.data.judge_items import items_from_eft
 
     items = items_from_eft(seed.eft_heldout, where=f"the held-out split of seed_data.eft={sd.eft}")
     if not items:
@@ -150,7 +150,7 @@ def _check_eval(cfg) -> None:
     if ev is None or not ev.winrate.enabled:
         return
     from selfalign.data.prompts import load_prompts
-    from selfalign.eval.winrate import PAIRWISE_VARIABLES
+    from selfalign.prompts import PAIRWISE_VARIABLES
     from selfalign.prompts import load_template, validate_template
 
     w = ev.winrate

@@ -343,7 +343,7 @@ def _with_system(messages: list[dict], system: str | None) -> tuple[dict, ...]:
 def final_report(run: Run, log) -> Path | None:
     """``runs/<name>/report/index.html`` at the end of a run; a failure to draw it is logged,
     never fatal (the run's results are already on disk; ``selfalign report`` can retry)."""
-    from selfalign.eval.report import write_report
+    from selfalign.report.html import write_report
 
     try:
         path = write_report(run.root)

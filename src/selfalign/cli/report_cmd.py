@@ -1,7 +1,6 @@
-"""``selfalign report RUN_DIR``: the command (registered in :mod:`selfalign.cli`).
+"""``selfalign report RUN_DIR``: the HTML report of a run (:mod:`selfalign.report.html`).
 
-Kept apart from :mod:`selfalign.eval.report` so that importing the CLI loads neither
-matplotlib nor jinja2; they are imported when the command runs.
+Importing the command loads neither matplotlib nor jinja2; they are imported when it runs.
 """
 
 from __future__ import annotations
@@ -10,6 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from selfalign.cli.common import console, fail
+from selfalign.errors import SelfAlignError
 
 
 def report(
@@ -24,13 +26,10 @@ def report(
     ] = None,
 ) -> None:
     """Write an HTML report of a run: stages, metrics per iteration, and plots (one offline file)."""
-    from selfalign.cli import _fail, console
-    from selfalign.errors import SelfAlignError
-    from selfalign.eval.report import write_report
+    from selfalign.report.html import write_report
 
     try:
         index = write_report(run_dir, out_dir=out, evals=evals or ())
     except SelfAlignError as e:
-        _fail(e)
-        return
+        fail(e)
     console.print(f"report: {index}", highlight=False, soft_wrap=True)
