@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from selfalign.config import config_hash
-    from selfalign.data.prompts import load_prompts
+    from selfalign.data.prompt_sets import load_prompts
     from selfalign.errors import SelfAlignError
     from selfalign.models import resolve_model
     from selfalign.recipes.self_rewarding import run_self_rewarding

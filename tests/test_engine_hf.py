@@ -342,7 +342,7 @@ def test_plan_bounds_kv_slots_and_counts_shared_prompts_once(tiny_model_dir):
 @pytest.mark.parametrize("shared_decode", [True, False])
 def test_next_token_probs_share_the_common_prefix_and_match_each_text_alone(tiny_model_dir, shared_decode):
     from selfalign.engines.base import Message
-    from selfalign.engines.hf import assistant_prefix_text
+    from selfalign.engines.hf_inputs import assistant_prefix_text
 
     eng = HFEngine(tiny_model_dir, dtype="float32", max_batch_size=16, shared_decode=shared_decode)
     prompts = [((Message("user", RUBRIC + p),), f"Reasoning {i}. " * (1 + i) + "Score: ") for i, p in enumerate(PROMPTS)]

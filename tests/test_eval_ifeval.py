@@ -189,7 +189,7 @@ def test_metrics_pool_instructions_and_bracket_the_value():
 
 # ----------------------------------------------------------------------------- generating
 def test_generated_answers_are_resumable_and_match_selfalign_generate_ids(tmp_path):
-    from selfalign.data.prompts import load_prompts
+    from selfalign.data.prompt_sets import load_prompts
 
     inp = write_jsonl(tmp_path / "in.jsonl", ITEMS)
     items = ifeval.load_items(inp)

@@ -15,7 +15,7 @@ from scripted import ScriptedEngine
 from typer.testing import CliRunner
 
 from selfalign.cli import app
-from selfalign.data.prompts import load_prompts
+from selfalign.data.prompt_sets import load_prompts
 from selfalign.errors import ConfigError, DataError, EngineError, RunError
 from selfalign.eval.winrate import (
     ItemResult,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from selfalign.cli import app
 from selfalign.config import GenerationConfig
-from selfalign.data.prompts import load_prompts
+from selfalign.data.prompt_sets import load_prompts
 from selfalign.data.records import is_done
 from selfalign.engines.hf import HFEngine
 from selfalign.errors import RunError

@@ -311,7 +311,7 @@ def report(run_dir: Path) -> dict:
 def real_respond(run_dir: Path, model: Path) -> dict:
     """Respond with the embedded model (hf engine, a few seed prompts, few tokens)."""
     from selfalign.config import ModelConfig
-    from selfalign.data.prompts import Prompt
+    from selfalign.data.prompt_sets import Prompt
     from selfalign.data.seeding import load_seed_data
     from selfalign.engines import create_engine
     from selfalign.recipes import self_rewarding as sr

@@ -15,7 +15,7 @@ from __future__ import annotations
 import typer
 
 from selfalign import __version__
-from selfalign.cli.common import console
+from selfalign.cli.shared import console
 from selfalign.cli.eval_cmd import eval_app
 from selfalign.cli.generate_cmd import generate, smoke
 from selfalign.cli.models_cmd import models_app

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from selfalign.cli.common import console, err_console, fail, set_option, slug, with_sets
+from selfalign.cli.shared import console, err_console, fail, set_option, slug, with_sets
 from selfalign.errors import SelfAlignError
 from selfalign.eval.ifeval import DEFAULT_INPUT
 

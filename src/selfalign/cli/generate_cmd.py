@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfalign.cli.common import SetOption, console, fail, with_sets
+from selfalign.cli.shared import SetOption, console, fail, with_sets
 from selfalign.errors import SelfAlignError
 
 SMOKE_PROMPTS = [
@@ -36,7 +36,7 @@ def generate(
 ) -> None:
     """Generate responses for a prompt file with any engine; resumable (rerun to continue)."""
     from selfalign.config import GenerateConfig, load_config
-    from selfalign.data.prompts import load_prompts
+    from selfalign.data.prompt_sets import load_prompts
     from selfalign.engines import create_engine
     from selfalign.stages.generate import run_generate
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from selfalign.cli.common import console, fail
+from selfalign.cli.shared import console, fail
 from selfalign.errors import SelfAlignError
 
 models_app = typer.Typer(help="List and prepare models (the embedded default, .gguf files, local dirs, hub ids).", no_args_is_help=True)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from selfalign.cli.common import console, fail
+from selfalign.cli.shared import console, fail
 from selfalign.errors import SelfAlignError
 
 

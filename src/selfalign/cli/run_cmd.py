@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from selfalign.cli.common import SetOption, console, fail
+from selfalign.cli.shared import SetOption, console, fail
 from selfalign.errors import SelfAlignError
 
 

@@ -1,7 +1,7 @@
 """A fixed prompt pool (``self_instruct.prompts``): prompts a run answers instead of writing its own.
 
 Meta-Rewarding draws its training prompts from a fixed pool (20k prompts written once by
-Llama-2-Chat-70B, 5k per iteration). The pool file is any prompt file :mod:`selfalign.data.prompts`
+Llama-2-Chat-70B, 5k per iteration). The pool file is any prompt file :mod:`selfalign.data.prompt_sets`
 reads (JSON strings, or objects with ``prompt``/``instruction``/``messages``/``turns``).
 
 Draws are without replacement across iterations: the pool is put in one seeded order
@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from selfalign.data.prompts import Prompt, load_prompts
+from selfalign.data.prompt_sets import Prompt, load_prompts
 from selfalign.errors import DataError
 
 

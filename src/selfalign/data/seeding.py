@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.data.prompts import ChatMessage
+from selfalign.data.prompt_sets import ChatMessage
 from selfalign.data.oasst import build_ift, load_oasst, split_train_heldout
 from selfalign.data.records import load_jsonl, record_id
 from selfalign.data.seed import load_seed_eft, load_seed_ift

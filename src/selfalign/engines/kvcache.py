@@ -1,6 +1,6 @@
 """KV caches for the hf engine: preallocated buffers, windows of rows, a prefix shared across rows.
 
-Used by :class:`selfalign.engines.hf.HFEngine` to prefill a batch of prompts as
+Used by the hf engine (:func:`selfalign.engines.hf_inputs.prefill`, called by :class:`selfalign.engines.hf.HFEngine`) to prefill a batch of prompts as
 ``[shared prefix | masked gap | suffix]`` rows (the prefix computed once, suffixes of similar
 length prefilled together) and then decode all rows with one token written per step.
 

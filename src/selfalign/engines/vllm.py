@@ -308,7 +308,7 @@ class VLLMEngine(Engine):
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[RequestResult]:
         """Yield one result per request as its samples finish. ``next_token_probs`` may be called
         while this generator is suspended (the judge scores finished judgments as they come)."""
-        from selfalign.engines.hf import encode_request
+        from selfalign.engines.hf_inputs import encode_request
 
         self._check_open()
         if self._generating:
@@ -375,7 +375,7 @@ class VLLMEngine(Engine):
         """From vLLM's log-probabilities of the candidate token ids at the first generated position
         (one greedy token per prompt, ``logprob_token_ids`` = the candidates; raw log-softmax over
         the whole vocabulary, as in the ``hf`` engine)."""
-        from selfalign.engines.hf import assistant_prefix_text, prefix_and_candidate_ids
+        from selfalign.engines.hf_inputs import assistant_prefix_text, prefix_and_candidate_ids
 
         self._check_open()
         items = []

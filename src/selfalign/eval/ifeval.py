@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfalign.data.prompts import Prompt
+from selfalign.data.prompt_sets import Prompt
 from selfalign.data.records import atomic_write_json, atomic_write_text, record_id
 from selfalign.errors import DataError
 

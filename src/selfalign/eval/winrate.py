@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 
 from selfalign.config import EngineConfig, ModelConfig, config_hash
-from selfalign.data.prompts import Prompt, load_prompts
+from selfalign.data.prompt_sets import Prompt, load_prompts
 from selfalign.data.records import JsonlWriter, atomic_write_json, read_jsonl, record_id
 from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
 from selfalign.errors import ConfigError, DataError, EngineError, RunError

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfalign.config import GenerationConfig
-from selfalign.data.prompts import Prompt
+from selfalign.data.prompt_sets import Prompt
 from selfalign.data.records import done_marker_path, is_done, read_json_list, read_jsonl, record_id
 from selfalign.engines.base import Engine
 from selfalign.errors import ConfigError, DataError, RunError

@@ -124,7 +124,7 @@ def _pct(x, ci=None) -> str:
 
 
 def _winrate_eval(run, cfg, t, keys, new_model, model, log, show_progress) -> dict:
-    from selfalign.data.prompts import load_prompts
+    from selfalign.data.prompt_sets import load_prompts
     from selfalign.engines import create_engine
     from selfalign.eval.winrate import generate_outputs, winrate
     from selfalign.models import resolve_model

@@ -42,34 +42,44 @@ FORWARD_KEYS = BASE_KEYS + ["seed_data", "tagging", "sft"]
 
 
 def run_humpback(cfg: HumpbackConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
+    """Run (or resume) instruction backtranslation: the steps of the loop above, each a resumable stage."""
     with run_lock(Path(cfg.runs_dir) / cfg.name):  # one owner per run directory, before anything is read
-        return _run_humpback(cfg, restart_from=restart_from, show_progress=show_progress)
+        log = Log(quiet=not show_progress)
+        check_inputs(cfg)  # bad input fails here, before the run directory is touched
+        run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
+        log(f"run directory: {run.root}")
+        base = resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
+        seed = load_seed_data(cfg.seed_data).ift
+        segments = corpus_step(run, cfg, log)  # unlabeled text: segmented, deduplicated, length-filtered
+        backward = backward_step(run, cfg, base, seed, log)  # M_yx = SFT(base, reversed seed)
+        augmented = augment_step(run, cfg, backward, base, segments, log, show_progress)  # A = {(M_yx(y), y)}
+        model = forward_step(run, cfg, base, seed, [], "sft", log)  # M_0 = SFT(base, seed)
+        iterations = []
+        for r in range(1, cfg.rounds + 1):
+            model, metrics = curation_round(run, cfg, r, model, base, seed, augmented, log, show_progress)  # A(r), M_r
+            iterations.append(metrics)
+        inference_note(run, cfg, model)  # the final model and the system prompt to use it with
+        final_report(run, log)
+        return RecipeResult(run.root, model, iterations)
 
 
-def _run_humpback(cfg: HumpbackConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
-    log = Log(quiet=not show_progress)
-    check_inputs(cfg)  # bad input fails here, before the run directory is touched
-    run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
-    log(f"run directory: {run.root}")
-    base = resolve_model(cfg.model.spec, dtype=cfg.model.dtype)
-    seed = load_seed_data(cfg.seed_data).ift
-    segments = corpus_step(run, cfg, log)
-    backward = backward_step(run, cfg, base, seed, log)  # M_yx = SFT(base, reversed seed)
-    augmented = augment_step(run, cfg, backward, base, segments, log, show_progress)  # A = {(M_yx(y), y)}
-    model = forward_step(run, cfg, base, seed, [], "sft", log)  # M_0 = SFT(base, seed)
-    iterations = []
-    for r in range(1, cfg.rounds + 1):
-        curated = curate_step(run, cfg, r, model, base, augmented, log, show_progress)  # A(r) rated >= k by M_{r-1}
-        model = forward_step(run, cfg, base, seed, curated, f"iter_{r}", log)  # M_r = SFT(base, seed + A(r))
-        metrics = round_metrics(run, cfg, r, augmented, len(seed), len(curated))
-        atomic_write_json(run.root / f"iter_{r}" / "metrics.json", metrics)
-        iterations.append(metrics)
+def curation_round(
+    run: Run, cfg: HumpbackConfig, r: int, model: Path, base: Path, seed: list[dict], augmented: list[dict], log, show_progress: bool
+) -> tuple[Path, dict]:
+    """Round r: A(r) = the pairs M_{r-1} rates at least k, then M_r = SFT(base, seed + A(r)); returns M_r and the metrics."""
+    curated = curate_step(run, cfg, r, model, base, augmented, log, show_progress)
+    model = forward_step(run, cfg, base, seed, curated, f"iter_{r}", log)
+    metrics = round_metrics(run, cfg, r, augmented, len(seed), len(curated))
+    atomic_write_json(run.root / f"iter_{r}" / "metrics.json", metrics)
+    return model, metrics
+
+
+def inference_note(run: Run, cfg: HumpbackConfig, model: Path) -> None:
+    """``inference.json``: the final model and the seed system prompt it was trained to answer under."""
     atomic_write_json(run.root / "inference.json", {
         "model": str(model), "system_prompt": cfg.tagging.seed_system if cfg.tagging.enabled else None,
         "note": "prompt the final model with this system prompt (the tag its seed examples were trained with)",
     })
-    final_report(run, log)
-    return RecipeResult(run.root, model, iterations)
 
 
 def corpus_step(run: Run, cfg: HumpbackConfig, log) -> list[dict]:

@@ -29,24 +29,20 @@ from pathlib import Path
 from selfalign.data.records import atomic_write_json, read_jsonl
 from selfalign.data.seeding import SeedData
 from selfalign.recipes.config import MetaRewardingConfig
-from selfalign.recipes.evals import run_iteration_evals, run_seed_judge_eval
+from selfalign.recipes.evals import run_iteration_evals
+from selfalign.recipes.iterate import run_iterations
 from selfalign.recipes.steps import (
-    final_report,
     SEED_KEYS,
     GenerationModel,
     common_metrics,
-    Log,
     RecipeResult,
     dpo_step,
     judge_step,
     respond_step,
-    seed_model,
     self_instruct_step,
 )
-from selfalign.recipes.preflight import check_inputs
 from selfalign.recipes.roles import RoleEngines
 from selfalign.run import Run
-from selfalign.runlock import run_lock
 from selfalign.stages.judge import aggregate
 from selfalign.stages.length_control import make_actor_pairs
 from selfalign.stages.meta_judge import MetaJudgeSettings, run_meta_judge
@@ -56,28 +52,8 @@ ITER_KEYS = ["self_instruct", "respond", "judge", "length_control", "meta_judge"
 
 
 def run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
-    with run_lock(Path(cfg.runs_dir) / cfg.name):  # one owner per run directory, before anything is read
-        return _run_meta_rewarding(cfg, restart_from=restart_from, show_progress=show_progress)
-
-
-def _run_meta_rewarding(cfg: MetaRewardingConfig, *, restart_from: str | None = None, show_progress: bool = True) -> RecipeResult:
-    log = Log(quiet=not show_progress)
-    check_inputs(cfg)  # bad input fails here, before the run directory is touched
-    run = Run.open(Path(cfg.runs_dir) / cfg.name, cfg.model_dump(mode="json"), restart_from=restart_from)
-    log(f"run directory: {run.root}")
-    seed, model, parent = seed_model(run, cfg, log, show_progress)  # M1 = SFT(M0, EFT)
-    start = run_seed_judge_eval(run, cfg, SEED_KEYS + ["judge"], model, parent, seed.eft_heldout, log, show_progress)  # M1's judge
-    iterations = []
-    roles = RoleEngines(cfg, log)  # fixed role models: loaded once, never trained
-    try:
-        for t in range(1, cfg.iterations + 1):
-            next_model, metrics = iteration(run, cfg, t, model, parent, seed, log, show_progress, roles)
-            model, parent = next_model, model
-            iterations.append(metrics)
-    finally:
-        roles.close()
-    final_report(run, log)
-    return RecipeResult(run.root, model, iterations, start)
+    """M1 = SFT(M0, EFT), then :func:`iteration` ``cfg.iterations`` times (the shared loop: :mod:`selfalign.recipes.iterate`)."""
+    return run_iterations(cfg, iteration, restart_from=restart_from, show_progress=show_progress)
 
 
 def iteration(

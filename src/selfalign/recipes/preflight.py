@@ -149,7 +149,7 @@ def _check_eval(cfg) -> None:
     ev = getattr(cfg, "eval", None)
     if ev is None or not ev.winrate.enabled:
         return
-    from selfalign.data.prompts import load_prompts
+    from selfalign.data.prompt_sets import load_prompts
     from selfalign.prompts import PAIRWISE_VARIABLES
     from selfalign.prompts import load_template, validate_template
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfalign.config import GenerationConfig, ModelConfig
-from selfalign.data.prompts import Prompt
+from selfalign.data.prompt_sets import Prompt
 from selfalign.data.records import JsonlWriter, atomic_write_json, read_jsonl
 from selfalign.data.seeding import SeedData, eft_to_chat, load_seed_data
 from selfalign.models import resolve_model

@@ -1,4 +1,4 @@
-"""Plain-text summaries of a run (the HTML report comes with the evaluation work)."""
+"""Plain-text summaries of a run: the per-iteration table `selfalign run` prints at the end."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfalign.config import GenerationConfig, config_hash
-from selfalign.data.prompts import Prompt
+from selfalign.data.prompt_sets import Prompt
 from selfalign.data.records import JsonlWriter, done_marker_path, is_done, read_done
 from selfalign.engines.base import Engine, GenerationRequest, SamplingParams
 from selfalign.progress import generation_progress

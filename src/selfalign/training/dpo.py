@@ -40,37 +40,26 @@ Speed (measured by benchmarks/dpo.py; results do not change, only how much work 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from selfalign.errors import DataError
 from selfalign.training.common import (
     LogFn,
     check_messages,
-    check_report_to,
     check_prompt_lengths,
-    drop_printer,
     load_model,
     load_tokenizer,
-    make_log_callback,
     peft_config,
-    quiet_progress,
     resolve_bf16,
-    stored_dtype,
     trainer_kwargs,
     training_dataset,
 )
 from selfalign.training.config import DPOSettings
-from selfalign.training.outputs import (
-    TrainResult,
-    checkpoints_dir,
-    finished_result,
-    make_fingerprint,
-    prepare_checkpoints,
-    run_and_save,
-)
+from selfalign.training.outputs import TrainResult
+from selfalign.training.runner import train_with
 
 
 def _reply(value, where: str) -> list[dict]:
@@ -278,39 +267,10 @@ def train_dpo(
     ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` and
     ``logps/chosen``/``logps/rejected`` per logging step.
     """
-    t0 = time.perf_counter()
-    check_report_to(report_to)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    data = to_preference_records(pairs)
-    if ref_model_dir is not None and Path(ref_model_dir).resolve() == model_dir.resolve():
-        ref_model_dir = None
-    fingerprint = make_fingerprint("dpo", model_dir, data, settings, ref_model_dir=ref_model_dir)
-    done = finished_result(out_dir, fingerprint)
-    if done is not None:
-        if log:
-            log(f"{out_dir} is already trained; nothing to do")
-        return done
-    ckpt_dir = checkpoints_dir(out_dir)
-    resume = prepare_checkpoints(ckpt_dir, fingerprint)
-    with quiet_progress(), completion_only_lm_head():
-        trainer, tokenizer, bf16 = build_dpo_trainer(
-            model_dir, data, ckpt_dir, settings, ref_model_dir=ref_model_dir, callbacks=callbacks, log=log,
-            report_to=report_to,
-        )
-        drop_printer(trainer)
-        trainer.add_callback(make_log_callback(log))
-        return run_and_save(
-            trainer,
-            tokenizer=tokenizer,
-            out_dir=out_dir,
-            ckpt_dir=ckpt_dir,
-            resume_from=resume,
-            fingerprint=fingerprint,
-            settings=settings,
-            source_dtype=stored_dtype(model_dir),
-            num_examples=len(data),
-            bf16=bf16,
-            log=log,
-            t_start=t0,
-            report_to=report_to,
-        )
+    if ref_model_dir is not None and Path(ref_model_dir).resolve() == Path(model_dir).resolve():
+        ref_model_dir = None  # the policy's own starting weights: no separate reference
+    return train_with(
+        "dpo", model_dir, pairs, out_dir, settings, clean=to_preference_records,
+        build=partial(build_dpo_trainer, ref_model_dir=ref_model_dir), ref_model_dir=ref_model_dir,
+        context=completion_only_lm_head, log=log, callbacks=callbacks, report_to=report_to,
+    )

@@ -18,7 +18,7 @@ explain. At inference the judge's own score is used alone.
 Input: preference units ``{"instruction", "chosen", "rejected"}`` (other keys ignored), e.g.
 :func:`selfalign.data.preferences.units_from_trees` / ``units_from_pairwise``. Each unit
 becomes two token sequences, built with the same functions the hf engine scores with
-(:func:`selfalign.engines.hf.assistant_prefix_text`, ``prefix_and_candidate_ids``), so the
+(:func:`selfalign.engines.hf_inputs.assistant_prefix_text`, ``prefix_and_candidate_ids``), so the
 trained quantity and the inference score are the same number. Both replies of a unit sit in
 the same batch (a batch of ``per_device_batch_size`` units is ``2 x`` that many sequences),
 left-padded with explicit position ids, and only the last position's logits are computed
@@ -36,33 +36,21 @@ save and ``accelerate launch`` path as SFT and DPO (:mod:`selfalign.training.out
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from selfalign.errors import DataError
 from selfalign.training.common import (
     LogFn,
-    check_report_to,
-    drop_printer,
     load_model,
     load_tokenizer,
-    make_log_callback,
     peft_config,
-    quiet_progress,
     resolve_bf16,
-    stored_dtype,
     trainer_kwargs,
     training_dataset,
 )
 from selfalign.training.config import JudgePairwiseSettings
-from selfalign.training.outputs import (
-    TrainResult,
-    checkpoints_dir,
-    finished_result,
-    make_fingerprint,
-    prepare_checkpoints,
-    run_and_save,
-)
+from selfalign.training.outputs import TrainResult
+from selfalign.training.runner import train_with
 
 SCORE_PREFIX = "Score: "  # what the direct judge opens its answer with (stages/judge.py)
 MAX_LENGTH_WEIGHT = 20.0  # a fitted length expert is capped: when length separates every unit, w has no finite optimum
@@ -119,7 +107,7 @@ def encode_units(tokenizer, units: list[dict], settings: JudgePairwiseSettings) 
 
     Returns ``(examples, dropped)``: ``{"chosen_ids", "rejected_ids", "chosen_digits",
     "rejected_digits"}`` per kept unit, and how many units were too long for ``max_length``."""
-    from selfalign.engines.hf import assistant_prefix_text, prefix_and_candidate_ids
+    from selfalign.engines.hf_inputs import assistant_prefix_text, prefix_and_candidate_ids
     from selfalign.prompts import judge_prompt
 
     digits = [str(d) for d in range(settings.min_score, settings.max_score + 1)]
@@ -268,25 +256,5 @@ def train_judge_pairwise(
     reuse of a finished ``out_dir`` of the same inputs, ``log`` lines, ``callbacks``, ``report_to``).
     ``result.history`` holds ``loss``, ``pair_accuracy`` and ``score_margin`` per logging step.
     """
-    t0 = time.perf_counter()
-    check_report_to(report_to)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    data = to_units(units)
-    fingerprint = make_fingerprint("judge_pairwise", model_dir, data, settings)
-    done = finished_result(out_dir, fingerprint)
-    if done is not None:
-        if log:
-            log(f"{out_dir} is already trained; nothing to do")
-        return done
-    ckpt_dir = checkpoints_dir(out_dir)
-    resume = prepare_checkpoints(ckpt_dir, fingerprint)
-    with quiet_progress():
-        trainer, tokenizer, bf16 = build_pairwise_trainer(model_dir, data, ckpt_dir, settings, callbacks=callbacks,
-                                                          log=log, report_to=report_to)
-        drop_printer(trainer)
-        trainer.add_callback(make_log_callback(log))
-        return run_and_save(
-            trainer, tokenizer=tokenizer, out_dir=out_dir, ckpt_dir=ckpt_dir, resume_from=resume, fingerprint=fingerprint,
-            settings=settings, source_dtype=stored_dtype(model_dir), num_examples=len(data), bf16=bf16, log=log,
-            t_start=t0, report_to=report_to,
-        )
+    return train_with("judge_pairwise", model_dir, units, out_dir, settings, clean=to_units, build=build_pairwise_trainer,
+                      log=log, callbacks=callbacks, report_to=report_to)

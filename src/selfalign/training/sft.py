@@ -18,34 +18,22 @@ See :mod:`selfalign.training.outputs` for the output layout, resume and the atom
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from selfalign.errors import DataError
 from selfalign.training.common import (
     LogFn,
     check_messages,
-    check_report_to,
     check_prompt_lengths,
-    drop_printer,
     load_model,
     load_tokenizer,
-    make_log_callback,
     peft_config,
-    quiet_progress,
     resolve_bf16,
-    stored_dtype,
     trainer_kwargs,
 )
 from selfalign.training.config import SFTSettings
-from selfalign.training.outputs import (
-    TrainResult,
-    checkpoints_dir,
-    finished_result,
-    make_fingerprint,
-    prepare_checkpoints,
-    run_and_save,
-)
+from selfalign.training.outputs import TrainResult
+from selfalign.training.runner import train_with
 
 
 def to_prompt_completion(examples: list[dict]) -> list[dict]:
@@ -131,36 +119,5 @@ def train_sft(
     resumes from its last checkpoint when called again with the same arguments; a finished
     ``out_dir`` of the same inputs is returned as is (``result.reused``).
     """
-    t0 = time.perf_counter()
-    check_report_to(report_to)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    data = to_prompt_completion(examples)
-    fingerprint = make_fingerprint("sft", model_dir, data, settings)
-    done = finished_result(out_dir, fingerprint)
-    if done is not None:
-        if log:
-            log(f"{out_dir} is already trained; nothing to do")
-        return done
-    ckpt_dir = checkpoints_dir(out_dir)
-    resume = prepare_checkpoints(ckpt_dir, fingerprint)
-    with quiet_progress():
-        trainer, tokenizer, bf16 = build_sft_trainer(
-            model_dir, data, ckpt_dir, settings, callbacks=callbacks, log=log, report_to=report_to
-        )
-        drop_printer(trainer)
-        trainer.add_callback(make_log_callback(log))
-        return run_and_save(
-            trainer,
-            tokenizer=tokenizer,
-            out_dir=out_dir,
-            ckpt_dir=ckpt_dir,
-            resume_from=resume,
-            fingerprint=fingerprint,
-            settings=settings,
-            source_dtype=stored_dtype(model_dir),
-            num_examples=len(data),
-            bf16=bf16,
-            log=log,
-            t_start=t0,
-            report_to=report_to,
-        )
+    return train_with("sft", model_dir, examples, out_dir, settings, clean=to_prompt_completion, build=build_sft_trainer,
+                      log=log, callbacks=callbacks, report_to=report_to)
