@@ -100,7 +100,8 @@ def _judge_eval(run, cfg, t, keys, new_model, model, eft_heldout, log, show_prog
     m, base = summary["metrics"], summary.get("baselines", {})
     rand, longer = base.get("random", {}).get("pairwise_accuracy"), base.get("longer_wins", {}).get("pairwise_accuracy")
     ci = m.get("ci95") or {}
-    log(f"[{it}] held-out judge ({summary.get('pairs')} pairs of {summary.get('items')} prompts): pairwise accuracy "
+    log(f"[{it}] held-out judge ({summary.get('pairs')} pairs of {summary.get('items')} prompts, the whole held-out "
+        f"EFT split): pairwise accuracy "
         f"{_pct(m.get('pairwise_accuracy'), ci.get('pairwise_accuracy'))}, length-balanced "
         f"{_pct(m.get('length_balanced_accuracy'), ci.get('length_balanced_accuracy'))} (longer preferred "
         f"{_pct(m.get('longer_preferred_accuracy'))}, shorter preferred {_pct(m.get('shorter_preferred_accuracy'))}); "
@@ -196,10 +197,24 @@ def _ifeval_eval(run, cfg, it: str, keys, model, parent, log, show_progress) -> 
     def fig(name: str) -> str:
         return f"{_pct(m[name]['value'])} [{_pct(m[name]['ci95'][0])}, {_pct(m[name]['ci95'][1])}]" if name in m else "n/a"
 
-    log(f"[{it}] IFEval of {summary.get('model')} ({summary.get('subset')}): prompt-level strict {fig('prompt_level_strict')}, "
+    log(f"[{it}] IFEval of {summary.get('model')} ({_subset_words(summary, h.input)}): prompt-level strict {fig('prompt_level_strict')}, "
         f"instruction-level strict {fig('instruction_level_strict')}, loose {fig('prompt_level_loose')} / "
         f"{fig('instruction_level_loose')}")
     return headline(summary)
+
+
+def _subset_words(summary: dict, input_path: str) -> str:
+    """Which IFEval prompts were scored, in words; a subset says that it is one and that its
+    intervals are wide (issue 22: a small subset must say so in the output)."""
+    subset, scored = summary.get("subset"), summary.get("scored")
+    if subset in (None, "all"):
+        return f"all {scored} prompts"
+    try:
+        total = sum(1 for line in Path(input_path).open("rb") if line.strip())
+    except OSError:
+        total = None
+    of = f" of the {total}" if total else ""
+    return f"{scored} prompts, {subset}{of}: a small fixed subset, the same for every model; its intervals are wide"
 
 
 def _label(run: Run, model: Path) -> str:
