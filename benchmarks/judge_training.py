@@ -27,6 +27,9 @@ Rows (one SFT of the embedded SmolLM2-135M-Instruct per training size, from the 
   run): ONE training pass over the first max(points) units, the model saved after each
   point's number of units has been seen and evaluated there (so the BT curve is "units seen"
   within one lr schedule, not separate trainings per size). Optional ``--length-expert``.
+  ``--bt-schedule-units N`` plans that pass over the first N units (sampling order and lr
+  schedule as for N) and stops after max(points): the early points of a longer pass, without
+  paying for the rest of it.
 
 Every row reports overall pairwise accuracy and the length split of
 :mod:`selfalign.eval.length_balance` (accuracy where the preferred reply is the longer / the
@@ -86,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bt-bf16", choices=("auto", "true", "false"), default="true",
                    help="bf16 autocast for BT (true: as in the probe of issue 23; needs native bf16 to be fast)")
     p.add_argument("--length-expert", default="0", help="BT length expert weight: a number, or 'fit'")
+    p.add_argument("--bt-schedule-units", type=int, default=0,
+                   help="BT: plan the pass (its data, sampling order and lr schedule) over the first N units, but stop "
+                        "after max(--points) of them: reproduces the early points of a longer pass (0: N = max(--points))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for training and evaluation (default: all cores; 1 lets two runs share 2 cores "
+                        "without oversubscribing them)")
     p.add_argument("--quick", action="store_true", help="8 held-out items only (smoke run)")
     p.add_argument("--work", default=None, help="folder for the trained models (default: a temporary one, removed)")
     p.add_argument("--out", default="judge_training", help="results name under benchmarks/results/")
@@ -166,10 +175,10 @@ def accuracy(prefs: list[float]) -> float:
     return round(sum(p > 0.5 for p in prefs) / len(prefs), 4)
 
 
-def evaluate(model_dir, items, work: Path, with_pairwise: bool) -> dict:
+def evaluate(model_dir, items, work: Path, with_pairwise: bool, threads: int | None = None) -> dict:
     from selfalign.engines.hf import HFEngine
 
-    engine = HFEngine(model_dir, dtype="auto")
+    engine = HFEngine(model_dir, dtype="auto", threads=threads)
     t0 = time.time()
     try:
         pw = pointwise_scores(engine, items, work / "pointwise")
@@ -228,6 +237,7 @@ def train_bt_curve(base, units, points: list[int], work: Path, args) -> list[tup
     from selfalign.training.judge_pairwise import train_judge_pairwise
 
     n = max(points)
+    planned = max(n, args.bt_schedule_units)  # units the pass (and its lr schedule) is planned over
     bs = args.bt_batch_size
     at_step = {p // bs: p for p in points if p > 0 and p % bs == 0}
     if len(at_step) != len([p for p in points if p > 0]):
@@ -244,6 +254,8 @@ def train_bt_curve(base, units, points: list[int], work: Path, args) -> list[tup
                 model.save_pretrained(d)
                 processing_class.save_pretrained(d)
                 saved[u], seconds[u] = d, round(time.time() - t0, 1)
+            if planned > n and state.global_step >= n // bs:
+                control.should_training_stop = True  # the rest of the planned pass is not needed
 
     expert = args.length_expert if args.length_expert == "fit" else float(args.length_expert)
     bf16 = {"auto": "auto", "true": True, "false": False}[args.bt_bf16]
@@ -256,9 +268,9 @@ def train_bt_curve(base, units, points: list[int], work: Path, args) -> list[tup
         lines.append(line)
         print(f"  [bt] {line}", flush=True)
 
-    print(f"BT: {n} units, the first of which are {sum(len(u['chosen'].strip()) > len(u['rejected'].strip()) for u in units[:n])} "
-          f"longer-preferred", flush=True)
-    res = train_judge_pairwise(base, units[:n], work / "bt_final", settings, callbacks=[SaveAt()], log=log)
+    print(f"BT: {planned} units, of which {sum(len(u['chosen'].strip()) > len(u['rejected'].strip()) for u in units[:planned])} "
+          f"longer-preferred" + (f"; stopping after {n // bs} steps ({n} units seen)" if planned > n else ""), flush=True)
+    res = train_judge_pairwise(base, units[:planned], work / "bt_final", settings, callbacks=[SaveAt()], log=log)
     peak = memory.own_peak()["peak_rss_mb"]
     dropped = next((ln for ln in lines if "dropped" in ln), None)
     expert_line = next((ln for ln in lines if "length expert" in ln), None)
@@ -277,6 +289,13 @@ def main(argv=None) -> int:
     if not OASST.is_file():
         print(f"skipped: {OASST} is not here (see ../shared/data/SOURCES.md)", file=sys.stderr)
         return 2
+    if args.threads:
+        import os
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for any child process
+        torch.set_num_threads(args.threads)
     from selfalign.models import resolve_model
 
     base = resolve_model("smollm2-135m-instruct", dtype="auto")
@@ -288,13 +307,13 @@ def main(argv=None) -> int:
     runs = [(n, False) for n in sft_points] + ([(args.mixed_at, True)] if args.mixed_at else [])
     if args.mixed_at and 0 not in points:
         runs.insert(0, (0, False))
-    if any(n > len(units) for n in points):
+    if any(n > len(units) for n in points + [args.bt_schedule_units]):
         raise SystemExit(f"--points {max(points)} is more than the {len(units)} training units")
     try:
         if args.objective in ("pairwise", "both") and any(points):
             for n, model, tinfo in train_bt_curve(base, units, points, work, args):
                 info = {"units": n, "row": "bt", **tinfo}
-                ev, summary = evaluate(model, items, work / f"bt_{n}", with_pairwise=False)
+                ev, summary = evaluate(model, items, work / f"bt_{n}", with_pairwise=False, threads=args.threads)
                 info.update(ev)
                 summary0 = summary0 or summary
                 rows.append(info)
@@ -310,7 +329,7 @@ def main(argv=None) -> int:
             else:
                 model, tinfo = train(base, units[:n], d, args, pairwise=mixed)
                 info.update(tinfo)
-            ev, summary = evaluate(model, items, d, with_pairwise=mixed or (n == 0 and not args.no_pairwise))
+            ev, summary = evaluate(model, items, d, with_pairwise=mixed or (n == 0 and not args.no_pairwise), threads=args.threads)
             info.update(ev)
             summary0 = summary0 or summary
             rows.append(info)
